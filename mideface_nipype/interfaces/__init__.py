@@ -1,0 +1,18 @@
+"""Thin Nipype interfaces, one per MiDeFace step; the science lives in the package modules."""
+
+from mideface_nipype.interfaces.bracket import Bracket
+from mideface_nipype.interfaces.exclusion import AtlasExclusionMask
+from mideface_nipype.interfaces.fill import Deface
+from mideface_nipype.interfaces.headmask import HeadMask
+from mideface_nipype.interfaces.register import ProjectSurface, RegisterAtlas
+from mideface_nipype.interfaces.stats import CollectStats
+
+__all__ = [
+    "AtlasExclusionMask",
+    "Bracket",
+    "CollectStats",
+    "Deface",
+    "HeadMask",
+    "ProjectSurface",
+    "RegisterAtlas",
+]

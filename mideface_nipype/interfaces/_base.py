@@ -1,0 +1,50 @@
+"""Helpers shared by the interfaces: output paths under the node's folder, JSON, timing, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+LOGGER = logging.getLogger("mideface")
+
+
+def out_path(runtime, name: str) -> str:
+    """An output file name inside the node's working folder."""
+    return str(Path(runtime.cwd) / name)
+
+
+def write_json(data: dict, path: str) -> str:
+    Path(path).write_text(json.dumps(data, indent=2, default=_to_builtin) + "\n")
+    return path
+
+
+def _to_builtin(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value)} to JSON")
+
+
+@contextmanager
+def step(name: str, record: dict):
+    """Log the start and end of a step and keep its wall time (s) in ``record['seconds']``."""
+    LOGGER.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    LOGGER.info("%s done (%.1f s)", name, record["seconds"])
+
+
+def save_matrix(matrix: np.ndarray, path: str) -> str:
+    np.savetxt(path, matrix, fmt="%.10f")
+    return path
+
+
+def load_matrix(path: str) -> np.ndarray:
+    return np.loadtxt(path).reshape(4, 4)

@@ -1,0 +1,102 @@
+"""Bracket: per-label inward/outward distances and the four-compartment face mask."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from mideface_nipype import bracket
+from mideface_nipype.atlas import load_atlas
+from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+from mideface_nipype.register import apply_affine
+
+
+class _BracketInputSpec(BaseInterfaceInputSpec):
+    head_mask = File(exists=True, mandatory=True, desc="subject head mask (defines the grid)")
+    surface = File(exists=True, mandatory=True, desc="atlas surface in subject mm (GIfTI)")
+    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
+    xmask = File(exists=True, desc="exclusion mask on the same grid (voxels > 0.5 never change)")
+    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+    ears = traits.Bool(True, usedefault=True, desc="deface the ears")
+    forehead = traits.Bool(False, usedefault=True, desc="deface the forehead (risks brain)")
+    back_of_head = traits.Bool(False, usedefault=True, desc="deface the back of the head")
+    ripple = traits.Bool(False, usedefault=True, desc="add a radial ripple to the template")
+    ripple_amp_mm = traits.Float(bracket.RIPPLE_AMP_MM, usedefault=True, desc="ripple amplitude")
+    ripple_period_mm = traits.Float(bracket.RIPPLE_PERIOD_MM, usedefault=True, desc="period")
+    watermark_mm = traits.Float(bracket.WATERMARK_MM, usedefault=True, desc="emboss height")
+
+
+class _BracketOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="face mask (uint8, 0 untouched, compartments 1-4)")
+    out_distances = File(
+        exists=True, desc="JSON: per-label DistIn/DistOut and per-vertex distances"
+    )
+    out_stats = File(exists=True, desc="JSON: per-label DistIn/DistOut, protected voxels, seconds")
+
+
+class Bracket(SimpleInterface):
+    """Bracket the true face between inward and outward projections of the atlas face."""
+
+    input_spec = _BracketInputSpec
+    output_spec = _BracketOutputSpec
+
+    def _run_interface(self, runtime):
+        record: dict = {}
+        with step("bracketing", record):
+            head_img = nib.load(self.inputs.head_mask)
+            head = np.asarray(head_img.dataobj) > 0
+            atlas = load_atlas(self.inputs.atlas_dir or None)
+            surf = nib.load(self.inputs.surface)
+            xmask = None
+            if self.inputs.xmask:
+                xmask = np.asarray(nib.load(self.inputs.xmask).dataobj) > 0.5
+            ripple_spec = None
+            if self.inputs.ripple:
+                atlas_to_subject = np.linalg.inv(load_matrix(self.inputs.transform))
+                centre = apply_affine(atlas_to_subject, [atlas.meta["ripple"]["center_mm"]])[0]
+                ripple_spec = bracket.Ripple(
+                    tuple(centre), self.inputs.ripple_amp_mm, self.inputs.ripple_period_mm
+                )
+            face_mask, brackets, n_protected = bracket.bracket_face(
+                head,
+                head_img.affine,
+                surf.darrays[0].data,
+                surf.darrays[1].data,
+                atlas.labels,
+                label_specs=bracket.select_labels(
+                    ears=self.inputs.ears,
+                    forehead=self.inputs.forehead,
+                    back_of_head=self.inputs.back_of_head,
+                ),
+                watermark=atlas.watermark,
+                watermark_mm=self.inputs.watermark_mm,
+                ripple_spec=ripple_spec,
+                xmask=xmask,
+            )
+        record["labels"] = {
+            b.name: {
+                "n_vertices": b.n_vertices,
+                "dist_in_mm": b.dist_in_mm,
+                "dist_out_mm": b.dist_out_mm,
+            }
+            for b in brackets
+        }
+        record["voxels_protected"] = n_protected
+        record["compartment_voxels"] = {
+            str(k): int(np.count_nonzero(face_mask == k)) for k in range(1, 5)
+        }
+        self._results["out_file"] = out_path(runtime, "face_mask.nii.gz")
+        nib.save(nib.Nifti1Image(face_mask, head_img.affine), self._results["out_file"])
+        self._results["out_distances"] = write_json(
+            {b.name: b.to_dict() for b in brackets}, out_path(runtime, "distances.json")
+        )
+        self._results["out_stats"] = write_json(record, out_path(runtime, "bracket.json"))
+        return runtime

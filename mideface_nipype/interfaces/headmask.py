@@ -1,0 +1,46 @@
+"""HeadMask: the ``mri_seghead`` scan-line head mask."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from mideface_nipype import headmask, io
+from mideface_nipype.interfaces._base import out_path, step, write_json
+
+
+class _HeadMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="head MRI (3-D or 4-D; frame 0 is used)")
+
+
+class _HeadMaskOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="head mask (uint8 0/1) on the input grid")
+    out_stats = File(exists=True, desc="JSON: head volume (mL), seconds")
+    head_ml = traits.Float(desc="head volume in mL")
+
+
+class HeadMask(SimpleInterface):
+    """Segment the head from the background with the ``mri_seghead`` scan-line algorithm."""
+
+    input_spec = _HeadMaskInputSpec
+    output_spec = _HeadMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        record: dict = {}
+        with step("head mask", record):
+            img = io.load_volume(self.inputs.in_file)
+            mask = headmask.head_mask(img)
+        voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
+        record["head_ml"] = float(np.count_nonzero(np.asarray(mask.dataobj)) * voxel_ml)
+        self._results["out_file"] = out_path(runtime, "head_mask.nii.gz")
+        nib.save(mask, self._results["out_file"])
+        self._results["head_ml"] = record["head_ml"]
+        self._results["out_stats"] = write_json(record, out_path(runtime, "head_mask.json"))
+        return runtime

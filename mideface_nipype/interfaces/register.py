@@ -1,0 +1,104 @@
+"""RegisterAtlas (ANTs affine, atlas -> subject) and ProjectSurface (atlas surface in subject)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from mideface_nipype import io, register
+from mideface_nipype.atlas import LABEL_FILE, SURFACE_FILE, load_atlas, save_surface
+from mideface_nipype.interfaces._base import (
+    load_matrix,
+    out_path,
+    save_matrix,
+    step,
+    write_json,
+)
+
+
+class _RegisterAtlasInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="head MRI (frame 0 is used)")
+    head_mask = File(exists=True, mandatory=True, desc="head mask of in_file")
+    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+    registration_mm = traits.Float(register.REGISTRATION_MM, usedefault=True, desc="grid (mm)")
+    init_transform = File(exists=True, desc="4x4 RAS subject->atlas matrix to start from (text)")
+
+
+class _RegisterAtlasOutputSpec(TraitedSpec):
+    transform = File(exists=True, desc="4x4 RAS matrix mapping subject mm to atlas (MNI) mm")
+    itk_transform = File(exists=True, desc="the same as an ITK/ANTs affine (.mat)")
+    out_stats = File(exists=True, desc="JSON: head-mask Dice after registration, seconds")
+
+
+class RegisterAtlas(SimpleInterface):
+    """Affine registration of the atlas head to the subject (ANTs, robust rotation search)."""
+
+    input_spec = _RegisterAtlasInputSpec
+    output_spec = _RegisterAtlasOutputSpec
+
+    def _run_interface(self, runtime):
+        record: dict = {}
+        with step("atlas registration", record):
+            img = io.load_volume(self.inputs.in_file)
+            head = np.asarray(nib.load(self.inputs.head_mask).dataobj) > 0
+            atlas = load_atlas(self.inputs.atlas_dir or None)
+            init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
+            matrix, dice = register.register_atlas(
+                io.first_frame(img),
+                img.affine,
+                head,
+                np.asarray(atlas.head.dataobj, dtype=np.float32),
+                atlas.head.affine,
+                np.asarray(atlas.headmask.dataobj) > 0,
+                registration_mm=self.inputs.registration_mm,
+                initial=init,
+            )
+        record["head_dice"] = dice
+        self._results["transform"] = save_matrix(matrix, out_path(runtime, "subject_to_atlas.txt"))
+        self._results["itk_transform"] = str(
+            register.ras_to_ants_transform(matrix, out_path(runtime, "subject_to_atlas.mat"))
+        )
+        self._results["out_stats"] = write_json(record, out_path(runtime, "registration.json"))
+        return runtime
+
+
+class _ProjectSurfaceInputSpec(BaseInterfaceInputSpec):
+    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
+    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+
+
+class _ProjectSurfaceOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="atlas head surface in subject world mm (GIfTI)")
+    label_file = File(exists=True, desc="its vertex labels and watermark (GIfTI, atlas order)")
+
+
+class ProjectSurface(SimpleInterface):
+    """Map the atlas head surface into the subject's world coordinates (mm)."""
+
+    input_spec = _ProjectSurfaceInputSpec
+    output_spec = _ProjectSurfaceOutputSpec
+
+    def _run_interface(self, runtime):
+        atlas = load_atlas(self.inputs.atlas_dir or None)
+        atlas_to_subject = np.linalg.inv(load_matrix(self.inputs.transform))
+        vertices = register.apply_affine(atlas_to_subject, atlas.surface.vertices)
+        faces = np.asarray(atlas.surface.faces)
+        if np.linalg.det(atlas_to_subject[:3, :3]) < 0:
+            faces = faces[:, ::-1]  # a reflection turns the winding inside out
+        regions = np.zeros(len(vertices), dtype=np.int32)
+        for i, idx in enumerate(atlas.labels.values()):
+            regions[idx] = i + 1
+        save_surface(Path(runtime.cwd), vertices, faces, regions, atlas.watermark)
+        self._results["out_file"] = out_path(runtime, SURFACE_FILE)
+        self._results["label_file"] = out_path(runtime, LABEL_FILE)
+        return runtime

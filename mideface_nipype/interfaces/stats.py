@@ -1,0 +1,43 @@
+"""CollectStats: merge the per-step JSON records into one ``stats.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+)
+
+from mideface_nipype import __version__
+from mideface_nipype.interfaces._base import out_path, write_json
+
+
+class _CollectStatsInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="per-step JSON records")
+
+
+class _CollectStatsOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="stats.json: one section per step")
+
+
+class CollectStats(SimpleInterface):
+    """Merge step records (``head_mask.json`` -> section ``head_mask``) and total the seconds."""
+
+    input_spec = _CollectStatsInputSpec
+    output_spec = _CollectStatsOutputSpec
+
+    def _run_interface(self, runtime):
+        merged: dict = {"mideface_nipype_version": __version__}
+        total = 0.0
+        for path in self.inputs.in_files:
+            record = json.loads(Path(path).read_text())
+            total += float(record.get("seconds", 0.0))
+            merged[Path(path).stem] = record
+        merged["seconds_total"] = round(total, 3)
+        self._results["out_file"] = write_json(merged, out_path(runtime, "stats.json"))
+        return runtime

@@ -1,0 +1,165 @@
+"""Reading and writing volumes: validation with clear errors, raw dtypes kept, atomic writes.
+
+Defaced outputs must leave every untouched voxel bit for bit as it was, so the engine works on the
+*stored* (unscaled) values and writes them back with the input's header, scaling and dtype.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mideface_nipype import __version__
+
+#: Volume file name endings that nibabel reads and writes.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+#: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
+MIN_AXIS_VOXELS = 4
+
+
+class InputError(ValueError):
+    """An input file that cannot be defaced; the message names the file and the problem."""
+
+
+def split_suffix(path: str | Path) -> tuple[str, str]:
+    """(stem, suffix) for a volume path, treating ``.nii.gz`` as one suffix."""
+    name = str(path)
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """Load and validate a 3-D or 4-D volume; raise ``InputError`` naming the file and problem."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a volume file")
+    try:
+        img = nib.load(path)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
+        raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({err})") from err
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise InputError(f"{path}: is not a volume image")
+    shape = img.shape
+    spatial = [n for n in shape[:3]]
+    if len(shape) < 3 or min(spatial) < MIN_AXIS_VOXELS:
+        raise InputError(
+            f"{path}: is {len([n for n in shape if n > 1])}-D with shape {shape}; "
+            "a 3-D volume (or a 4-D series) is needed"
+        )
+    if len(shape) > 4 and any(n > 1 for n in shape[4:]):
+        raise InputError(f"{path}: has {len(shape)} dimensions {shape}; 3-D or 4-D is needed")
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError(f"{path}: has an unusable voxel-to-world affine")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
+        raise InputError(f"{path}: the voxel data are truncated or corrupt ({err})") from err
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{path}: voxel type {data.dtype} is not a real number type")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InputError(f"{path}: contains {bad} NaN or infinite voxels")
+    if data.size == 0 or np.ptp(data) == 0:
+        raise InputError(f"{path}: is empty (every voxel has the same value)")
+    return img
+
+
+def stored_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """The voxel values as stored on disk (no scl_slope/inter), 3-D or 4-D."""
+    proxy = img.dataobj
+    data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+    return data.reshape(data.shape[:4]) if data.ndim > 4 else data
+
+
+def first_frame(img: nib.spatialimages.SpatialImage, frame: int = 0) -> np.ndarray:
+    """One 3-D frame in real units (scaling applied), as float32."""
+    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    while data.ndim > 3:
+        data = data[..., frame] if data.ndim == 4 else data[..., 0]
+    return data
+
+
+def like(
+    img: nib.spatialimages.SpatialImage, data: np.ndarray, *, descrip: str | None = None
+) -> nib.spatialimages.SpatialImage:
+    """A new image of ``img``'s class, header, affine and scaling holding stored values ``data``."""
+    new = img.__class__(data, img.affine, img.header.copy())
+    if isinstance(new, nib.Nifti1Image | nib.Nifti2Image | nib.Nifti1Pair):
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        new.header.set_slope_inter(slope, inter)
+        if descrip is not None:
+            new.header["descrip"] = descrip[:79].encode()
+    return new
+
+
+def defaced_descrip() -> str:
+    """The NIfTI ``descrip`` of a defaced volume (80 characters at most)."""
+    return f"defaced by mideface-nipype {__version__}"
+
+
+def mask_image(data: np.ndarray, reference: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """A uint8 label/mask image on the grid of ``reference``."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), reference.affine)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
+    """Save so that ``path`` either holds the complete file or is untouched (temp file + rename)."""
+    path = Path(path)
+    _, suffix = split_suffix(path)
+    if not suffix:
+        raise InputError(f"{path}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
+            img = _to_mgh(img)
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
+    """MGH keeps no scaling and only uint8/int16/int32/float32: apply the scaling where needed."""
+    data = np.asanyarray(img.dataobj)
+    slope, inter = (
+        img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (1, 0)
+    )
+    if (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        data = data * np.float32(slope or 1.0) + np.float32(inter or 0.0)
+    if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+        ok_int = np.issubdtype(data.dtype, np.integer) and np.can_cast(data.dtype, np.int32)
+        data = data.astype(np.int32 if ok_int else np.float32)
+    return nib.MGHImage(data, img.affine)
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

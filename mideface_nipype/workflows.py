@@ -1,0 +1,151 @@
+"""Nipype graphs of MiDeFace: ``init_mideface_wf`` defaces one head."""
+
+from __future__ import annotations
+
+from nipype.interfaces.utility import IdentityInterface, Merge
+from nipype.pipeline import engine as pe
+
+from mideface_nipype.fill import DEFAULT_SEED
+from mideface_nipype.interfaces import (
+    AtlasExclusionMask,
+    Bracket,
+    CollectStats,
+    Deface,
+    HeadMask,
+    ProjectSurface,
+    RegisterAtlas,
+)
+
+#: Where the exclusion mask comes from: the atlas priors, or a file the user gives.
+XMASK_SOURCES = ("atlas", "user")
+
+OUTPUT_FIELDS = [
+    "out_file",
+    "face_mask",
+    "head_mask",
+    "exclusion_mask",
+    "transform",
+    "itk_transform",
+    "surface",
+    "distances",
+    "stats",
+]
+
+
+def init_mideface_wf(
+    *,
+    name: str = "mideface_wf",
+    xmask_source: str = "atlas",
+    ears: bool = True,
+    forehead: bool = False,
+    back_of_head: bool = False,
+    ripple: bool = False,
+    seed: int = DEFAULT_SEED,
+    fill_const: tuple[float, float] | None = None,
+    atlas_dir: str | None = None,
+) -> pe.Workflow:
+    """Deface one head MRI.
+
+    ::
+
+        inputnode(in_file, xmask, init_transform)
+          -> head_mask ----------------------------+
+          -> register (atlas -> subject, affine) --+--> project (atlas surface in subject mm)
+          -> exclusion (atlas priors | user xmask) |
+          -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
+          -> deface (in_file, face mask, seed) -> out_file
+          -> stats (all step records) -> stats.json
+        outputnode(out_file, face_mask, head_mask, exclusion_mask, transform, itk_transform,
+                   surface, distances, stats)
+
+    Inputs
+    ------
+    in_file
+        the head MRI to deface (NIfTI or MGZ, 3-D or 4-D, any orientation)
+    xmask
+        exclusion mask on the input grid (only with ``xmask_source="user"``)
+    init_transform
+        optional 4x4 RAS subject->atlas matrix (text) replacing the rotation search
+
+    Outputs
+    -------
+    out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
+    surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON)
+    """
+    if xmask_source not in XMASK_SOURCES:
+        raise ValueError(f"xmask_source must be one of {XMASK_SOURCES}, not {xmask_source!r}")
+    atlas = {"atlas_dir": atlas_dir} if atlas_dir else {}
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(fields=["in_file", "xmask", "init_transform"]), name="inputnode"
+    )
+    outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+
+    head_mask = pe.Node(HeadMask(), name="head_mask", mem_gb=0.5, n_procs=1)
+    register = pe.Node(RegisterAtlas(**atlas), name="register", mem_gb=1.0, n_procs=1)
+    project = pe.Node(ProjectSurface(**atlas), name="project", mem_gb=0.3, n_procs=1)
+    bracket = pe.Node(
+        Bracket(ears=ears, forehead=forehead, back_of_head=back_of_head, ripple=ripple, **atlas),
+        name="bracket",
+        mem_gb=1.0,
+        n_procs=1,
+    )
+    deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=1)
+    if fill_const is not None:
+        deface.inputs.fill_const = tuple(fill_const)
+    records = pe.Node(Merge(5), name="records", run_without_submitting=True)
+    stats = pe.Node(CollectStats(), name="stats", run_without_submitting=True)
+
+    connections = [
+        (inputnode, head_mask, [("in_file", "in_file")]),
+        (inputnode, register, [("in_file", "in_file")]),
+        (head_mask, register, [("out_file", "head_mask")]),
+        (register, project, [("transform", "transform")]),
+        (head_mask, bracket, [("out_file", "head_mask")]),
+        (project, bracket, [("out_file", "surface")]),
+        (register, bracket, [("transform", "transform")]),
+        (inputnode, deface, [("in_file", "in_file")]),
+        (bracket, deface, [("out_file", "face_mask")]),
+        (head_mask, records, [("out_stats", "in1")]),
+        (register, records, [("out_stats", "in2")]),
+        (bracket, records, [("out_stats", "in4")]),
+        (deface, records, [("out_stats", "in5")]),
+        (records, stats, [("out", "in_files")]),
+        (deface, outputnode, [("out_file", "out_file")]),
+        (bracket, outputnode, [("out_file", "face_mask"), ("out_distances", "distances")]),
+        (head_mask, outputnode, [("out_file", "head_mask")]),
+        (register, outputnode, [("transform", "transform"), ("itk_transform", "itk_transform")]),
+        (project, outputnode, [("out_file", "surface")]),
+        (stats, outputnode, [("out_file", "stats")]),
+    ]
+    if xmask_source == "atlas":
+        exclusion = pe.Node(AtlasExclusionMask(**atlas), name="exclusion", mem_gb=0.5, n_procs=1)
+        connections += [
+            (head_mask, exclusion, [("out_file", "head_mask")]),
+            (register, exclusion, [("transform", "transform")]),
+            (exclusion, bracket, [("out_file", "xmask")]),
+            (exclusion, records, [("out_stats", "in3")]),
+            (exclusion, outputnode, [("out_file", "exclusion_mask")]),
+        ]
+    else:
+        connections += [
+            (inputnode, bracket, [("xmask", "xmask")]),
+            (inputnode, outputnode, [("xmask", "exclusion_mask")]),
+        ]
+    connections.append((inputnode, register, [("init_transform", "init_transform")]))
+    workflow.connect(connections)
+    return workflow
+
+
+def workflow_outputs(workflow: pe.Workflow, graph) -> dict:
+    """Values that reached ``outputnode`` in a finished run (Nipype prunes identity nodes)."""
+    results = {node.name: node.result.outputs for node in graph.nodes()}
+    outputnode = workflow.get_node("outputnode")
+    values = {}
+    for src, _, data in workflow._graph.in_edges(outputnode, data=True):
+        for src_field, dst_field in data["connect"]:
+            if src.name == "inputnode":
+                values[dst_field] = getattr(workflow.inputs.inputnode, src_field)
+            else:
+                values[dst_field] = getattr(results[src.name], src_field)
+    return values
