@@ -151,13 +151,17 @@ def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     config.set("execution", "crashfile_format", "txt")
     config.set("execution", "stop_on_first_crash", "true")
     config.set("execution", "remove_unnecessary_outputs", "false")
+    # Nipype's own messages (and its tracebacks of a failed node) only with --verbose; without
+    # it the failure is reported as one line naming the file and the problem
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 def _error_line(err: BaseException) -> str:
-    """The first line of our own error messages inside a Nipype crash report."""
+    """Our own error message as one line, also when it comes inside a Nipype crash report."""
     text = str(err)
+    if type(err).__name__ in _ERROR_TYPES or isinstance(err, OSError):
+        return " ".join(text.split())
     for kind in _ERROR_TYPES:
         found = re.findall(rf"{kind}: (.+)", text)
         if found:
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - one clear line for any failure
         message = _error_line(err)
+        if args.i not in message:
+            message = f"{args.i}: {message}"
         LOGGER.debug("failure", exc_info=True)
         print(f"mideface: error: {message}", file=sys.stderr)
         return 1

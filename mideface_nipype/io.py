@@ -46,7 +46,8 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     try:
         img = nib.load(path)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
-        raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({err})") from err
+        reason = " ".join(str(err).split())
+        raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({reason})") from err
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise InputError(f"{path}: is not a volume image")
     shape = img.shape
@@ -64,7 +65,8 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
-        raise InputError(f"{path}: the voxel data are truncated or corrupt ({err})") from err
+        reason = " ".join(str(err).split())
+        raise InputError(f"{path}: the voxel data are truncated or corrupt ({reason})") from err
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{path}: voxel type {data.dtype} is not a real number type")
     if np.issubdtype(data.dtype, np.floating):
@@ -81,6 +83,13 @@ def stored_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     proxy = img.dataobj
     data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
     return data.reshape(data.shape[:4]) if data.ndim > 4 else data
+
+
+def to_stored(img: nib.spatialimages.SpatialImage, values: tuple[float, ...]) -> tuple[float, ...]:
+    """Real-unit values in the image's stored units (undo scl_slope/inter)."""
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    return tuple((float(v) - inter) / slope for v in values)
 
 
 def first_frame(img: nib.spatialimages.SpatialImage, frame: int = 0) -> np.ndarray:

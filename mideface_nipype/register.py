@@ -34,6 +34,9 @@ def _import_ants():
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     import ants
 
+    # antspyx 0.6 ignores registration(random_seed=...); it passes --random-seed to ANTs only
+    # from this setting (set_ants_deterministic would also forbid every non-"Repro" transform)
+    ants.config._random_seed = ANTS_SEED
     return ants
 
 
@@ -223,7 +226,6 @@ def register_affine(
             aff_iterations=(200, 200, 100),
             aff_shrink_factors=(4, 2, 1),
             aff_smoothing_sigmas=(2, 1, 0),
-            random_seed=ANTS_SEED,
             outprefix=str(Path(tmp) / "reg_"),
         )
         fwd = [p for p in result["fwdtransforms"] if p.endswith(".mat")]

@@ -26,7 +26,9 @@ class _DefaceInputSpec(BaseInterfaceInputSpec):
     face_mask = File(exists=True, mandatory=True, desc="face mask (0-4) on the same grid")
     seed = traits.Int(fill.DEFAULT_SEED, usedefault=True, desc="random seed of the noise fill")
     fill_const = traits.Tuple(
-        traits.Float, traits.Float, desc="constant fill (inside, outside) instead of noise"
+        traits.Float,
+        traits.Float,
+        desc="constant fill (inside, outside) in the image's real units instead of noise",
     )
     stat_frame = traits.Int(fill.STAT_FRAME, usedefault=True, desc="frame used for statistics")
     out_name = traits.Str(desc="output file name (default: defaced + the input's suffix)")
@@ -58,7 +60,9 @@ class Deface(SimpleInterface):
                 data,
                 face_mask,
                 seed=self.inputs.seed,
-                fill_const=self.inputs.fill_const or None,
+                fill_const=io.to_stored(img, self.inputs.fill_const)
+                if self.inputs.fill_const
+                else None,
                 stat_frame=self.inputs.stat_frame,
             )
             if fill.code_fits(out.shape):

@@ -1,0 +1,119 @@
+"""The face atlas: loader, invariants, and that the build script reproduces the committed files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ATLAS_SOURCES_DIR
+
+from mideface_nipype import atlas as atlas_mod
+from mideface_nipype.atlas import load_atlas
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    return load_atlas()
+
+
+def test_loader_returns_everything(atlas):
+    assert isinstance(atlas.head, nib.Nifti1Image) and atlas.head.ndim == 3
+    assert set(atlas.priors) == set(atlas_mod.CLASSES)
+    assert set(atlas.labels) == set(atlas_mod.LABELS)
+    assert len(atlas.watermark) > 100
+    assert atlas.meta["ripple"]["period_mm"] == 30.0
+
+
+def test_labels_non_empty_and_disjoint(atlas):
+    seen = np.zeros(len(atlas.surface.vertices), dtype=int)
+    for name, idx in atlas.labels.items():
+        assert len(idx) > 300, name
+        seen[idx] += 1
+    assert seen.max() == 1
+
+
+def test_labels_sit_where_their_names_say(atlas):
+    v = atlas.surface.vertices
+    centre = {name: v[idx].mean(axis=0) for name, idx in atlas.labels.items()}
+    assert centre["nose"][1] > centre["eyes"][1] and abs(centre["nose"][0]) < 5
+    assert centre["lower-face"][2] < centre["nose"][2] < centre["forehead"][2]
+    assert centre["ear-left"][0] < -60 and centre["ear-right"][0] > 60
+    assert centre["back-of-head"][1] < -70
+    eyes = v[atlas.labels["eyes"]]
+    assert (eyes[:, 0] < -15).sum() > 100 and (eyes[:, 0] > 15).sum() > 100
+    face = np.concatenate([atlas.labels[n] for n in ("lower-face", "upper-face", "nose")])
+    assert np.isin(atlas.watermark, face).all()
+
+
+def test_surface_watertight_outward_and_fine(atlas):
+    mesh = atlas.surface
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.volume > 3e6  # mm^3: a whole adult head
+    outward = np.einsum("ij,ij->i", mesh.vertex_normals, mesh.vertices - mesh.centroid) > 0
+    assert outward.mean() > 0.95
+    edges = mesh.edges_unique_length
+    assert 0.8 < np.median(edges) < 2.0 and edges.max() < 4.0
+
+
+def test_priors_sum_to_one_and_are_probabilities(atlas):
+    stack = np.stack([np.asarray(img.dataobj) for img in atlas.priors.values()], -1)
+    assert stack.min() >= 0 and stack.max() <= 1 + 1e-6
+    assert np.abs(stack.sum(-1) - 1).max() <= 1e-3
+    assert max(atlas_mod.PRIOR_MM, *nib.affines.voxel_sizes(atlas.head.affine)) <= 2.0
+    for name, img in atlas.priors.items():
+        assert np.asarray(img.dataobj).max() > 0.5, name
+        assert np.allclose(img.affine, atlas.head.affine)
+
+
+def test_priors_are_anatomical(atlas):
+    """Brain inside bone inside soft tissue; the eyes in front of the brain."""
+    aff = atlas.head.affine
+    ijk = np.round(np.linalg.inv(aff) @ np.array([0.0, 0.0, 20.0, 1.0]))[:3].astype(int)
+    wm = np.asarray(atlas.priors["wm"].dataobj)
+    assert wm[tuple(ijk)] > 0.5 or np.asarray(atlas.priors["gm"].dataobj)[tuple(ijk)] > 0.3
+    eyes = np.asarray(atlas.priors["eyes"].dataobj)
+    eye_xyz = nib.affines.apply_affine(aff, np.argwhere(eyes > 0.5))
+    assert eye_xyz[:, 1].min() > 40 and (eye_xyz[:, 0] < 0).any() and (eye_xyz[:, 0] > 0).any()
+    # along a ray straight up from the centre: brain, then bone, then soft tissue, then air
+    column = [np.asarray(atlas.priors[c].dataobj)[ijk[0], ijk[1], ijk[2] :] for c in atlas.priors]
+    labels = np.argmax(np.stack(column, -1), -1)
+    order = [atlas_mod.CLASSES[i] for i in labels[np.r_[True, labels[1:] != labels[:-1]]]]
+    assert order.index("bone") > max(order.index(c) for c in ("wm", "gm", "csf") if c in order)
+    assert order.index("soft") > order.index("bone") and order[-1] == "air"
+
+
+def test_rebuild_reproduces_committed_atlas(tmp_path, atlas):
+    """Running the build script from the sources gives the committed labels and priors."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "atlas" / "build_atlas.py"),
+            "--sources",
+            str(ATLAS_SOURCES_DIR),
+            "--out",
+            str(tmp_path),
+            "--no-qa",
+        ],
+        check=True,
+    )
+    rebuilt = load_atlas(tmp_path)
+    for name in atlas_mod.LABELS:
+        assert np.array_equal(rebuilt.labels[name], atlas.labels[name]), name
+    assert np.array_equal(rebuilt.watermark, atlas.watermark)
+    assert np.allclose(rebuilt.surface.vertices, atlas.surface.vertices, atol=1e-3)
+    for name in atlas_mod.CLASSES:
+        a = np.asarray(rebuilt.priors[name].dataobj)
+        b = np.asarray(atlas.priors[name].dataobj)
+        assert np.abs(a - b).max() <= 1e-3, name
+    assert (
+        np.abs(
+            np.asarray(rebuilt.head.dataobj, float) - np.asarray(atlas.head.dataobj, float)
+        ).max()
+        <= 1
+    )
