@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
             const=key,
             help=f"with --odir and no --o: write {key} (default: the input's format)",
         )
+    io_group.add_argument(
+        "--apply-to",
+        nargs="+",
+        metavar="VOL",
+        default=[],
+        help="other contrasts of the same head, defaced with this face mask after a rigid "
+        "registration to --i; written as <name>_defaced.<ext> beside the output",
+    )
+    io_group.add_argument(
+        "--regheader",
+        action="store_true",
+        help="with --apply-to: the contrasts share --i's scanner space; no registration",
+    )
+    io_group.add_argument(
+        "--apply",
+        nargs=4,
+        metavar=("VOL", "FACEMASK", "REG", "OUT"),
+        help="deface VOL with an existing FACEMASK; REG is 'regheader', a 4x4 RAS text matrix "
+        "(VOL mm -> FACEMASK mm) or an ITK/ANTs affine with VOL as the fixed image",
+    )
     io_group.add_argument("--demo", metavar="DIR", help="deface the bundled sample head into DIR")
     io_group.add_argument("--work-dir", metavar="DIR", help="keep Nipype's working folder here")
 
@@ -98,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AMP PERIOD",
         help=f"ripple the template surface (default amplitude "
         f"{bracket.RIPPLE_AMP_MM} mm, period {bracket.RIPPLE_PERIOD_MM} mm)",
+    )
+    how.add_argument(
+        "--statframe",
+        type=int,
+        default=fill.STAT_FRAME,
+        help="frame of a 4-D volume used for the fill statistics (default 0)",
     )
     how.add_argument(
         "--seed",
@@ -169,6 +195,14 @@ def _error_line(err: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(err).__name__
 
 
+def _defaced_name(path: str) -> str:
+    """``sub-01_T2w.nii.gz`` -> ``sub-01_T2w_defaced.nii.gz`` (the --apply-to name rule)."""
+    from mideface_nipype.io import split_suffix
+
+    stem, suffix = split_suffix(Path(path).name)
+    return f"{stem}_defaced{suffix}"
+
+
 def _copy_atomic(src: str, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
@@ -217,6 +251,44 @@ def run_check(paths: list[str]) -> int:
     return 0
 
 
+def run_apply(args) -> int:
+    """FreeSurfer's ``--apply VOL FACEMASK REG OUT``."""
+    import numpy as np
+
+    from mideface_nipype import apply, io, register
+
+    vol, facemask, reg, out = args.apply
+    _setup_logging(Path(args.log) if args.log else None, args.verbose)
+    img = io.load_volume(vol)
+    mask_img = io.load_volume(facemask)
+    if Path(out).resolve() == Path(vol).resolve():
+        raise io.InputError(f"{out}: the output would overwrite the input")
+    if reg == "regheader":
+        matrix = None
+    elif not Path(reg).is_file():
+        raise io.InputError(f"{reg}: registration file not found")
+    elif reg.endswith(".txt"):
+        matrix = np.loadtxt(reg).reshape(4, 4)
+    else:
+        matrix = register.ants_transform_to_ras(reg)
+    xmask = np.asarray(io.load_volume(args.xmask).dataobj) if args.xmask else None
+    fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
+    data, _, stats = apply.apply_face_mask(
+        io.stored_data(img),
+        img.affine,
+        np.asarray(mask_img.dataobj),
+        mask_img.affine,
+        target_to_mask=matrix,
+        xmask=xmask,
+        seed=args.seed,
+        fill_const=io.to_stored(img, fill_const) if fill_const else None,
+        stat_frame=args.statframe,
+    )
+    io.save_atomic(io.like(img, data, descrip=io.defaced_descrip()), out)
+    LOGGER.info("applied %s to %s -> %s (%d face voxels)", facemask, vol, out, stats.n1)
+    return 0
+
+
 def run(args) -> int:
     from nipype import config
 
@@ -228,7 +300,8 @@ def run(args) -> int:
     log_file = Path(args.log) if args.log else (odir / "log" / "mideface.log" if odir else None)
     _setup_logging(log_file, args.verbose)
     LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
-    io.load_volume(in_file)  # fail early, with the file named, before any work
+    for path in [in_file, *args.apply_to]:
+        io.load_volume(path)  # fail early, with the file named, before any work
     if args.xmask:
         xmask_img = io.load_volume(args.xmask) if Path(args.xmask).exists() else None
         if xmask_img is None:
@@ -243,7 +316,10 @@ def run(args) -> int:
         ripple=ripple,
         seed=args.seed,
         fill_const=tuple(fill_const) if fill_const else None,
+        other_contrasts=[str(Path(f).resolve()) for f in args.apply_to],
+        regheader=args.regheader,
     )
+    workflow.get_node("deface").inputs.stat_frame = args.statframe
     if ripple and args.ripple:
         workflow.get_node("bracket").inputs.ripple_amp_mm = args.ripple[0]
         if len(args.ripple) > 1:
@@ -266,6 +342,8 @@ def run(args) -> int:
         _copy_atomic(outputs["out_file"], out)
         if args.facemask:
             _copy_atomic(outputs["face_mask"], Path(args.facemask))
+        for other, defaced in zip(args.apply_to, outputs.get("other_out_files") or [], strict=True):
+            _copy_atomic(defaced, out.parent / _defaced_name(other))
         if odir is not None:
             extra = {
                 f"face.mask{suffix}": outputs["face_mask"],
@@ -298,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         try:
             return run_check(args.check)
+        except Exception as err:  # noqa: BLE001 - one clear line for any failure
+            print(f"mideface: error: {_error_line(err)}", file=sys.stderr)
+            return 1
+    if args.apply:
+        try:
+            return run_apply(args)
         except Exception as err:  # noqa: BLE001 - one clear line for any failure
             print(f"mideface: error: {_error_line(err)}", file=sys.stderr)
             return 1

@@ -147,9 +147,10 @@ def ras_to_ants_transform(matrix: np.ndarray, path: str | Path) -> Path:
 
 
 def _cube_rotations() -> np.ndarray:
-    """The 24 proper rotations that map the coordinate axes onto each other."""
-    rots = Rotation.create_group("O").as_matrix()
-    return np.round(rots)
+    """The 24 proper rotations that map the coordinate axes onto each other, identity first."""
+    rots = np.round(Rotation.create_group("O").as_matrix())
+    first = int(np.argmin([np.abs(r - np.eye(3)).sum() for r in rots]))
+    return np.concatenate([rots[first : first + 1], np.delete(rots, first, axis=0)])
 
 
 def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -164,38 +165,50 @@ def _about(rot: np.ndarray, fixed_point: np.ndarray, moving_point: np.ndarray) -
     return m
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two intensity samples (same contrast: sharper than MI)."""
     a = a - a.mean()
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else -1.0
 
 
-def search_initial_rotation(
+def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Mutual information (nats) of two intensity samples: works across contrasts."""
+    hist, _, _ = np.histogram2d(a, b, bins=bins)
+    joint = hist / max(hist.sum(), 1.0)
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def search_initial_pose(
     fixed: np.ndarray,
     fixed_affine: np.ndarray,
     fixed_mask: np.ndarray,
     moving: np.ndarray,
     moving_affine: np.ndarray,
     moving_mask: np.ndarray,
+    score=correlation,
 ) -> np.ndarray:
-    """Rank the 24 axis rotations about the head centroids; return the best fixed->moving matrix.
+    """The best start for a local optimiser: the scanner header or one of 24 axis rotations.
 
-    The candidates cover every way a head can lie in the scanner (supine, prone, decubitus, a
-    sagittal or coronal acquisition with a wrong header), so the local optimiser that follows
-    starts in the right basin. Ranked by the correlation of intensities on a coarse grid.
+    The rotations about the head centroids cover every way a head can lie in the scanner
+    (supine, prone, decubitus, a sagittal or coronal acquisition with a wrong header); the
+    header itself wins when the two images already share a scanner space (a partial field of
+    view moves the centroid). Ranked by ``score`` (``correlation`` for the same contrast,
+    ``mutual_information`` across contrasts) over the fixed head on a coarse grid.
     """
     fc = _centroid(fixed_mask, fixed_affine)
     mc = _centroid(moving_mask, moving_affine)
+    candidates = [np.eye(4)] + [_about(rot, fc, mc) for rot in _cube_rotations()]
     scores = []
-    rotations = _cube_rotations()
-    for rot in rotations:
-        cand = _about(rot, fc, mc)
+    for cand in candidates:
         warped = resample(moving, moving_affine, fixed.shape, fixed_affine, target_to_source=cand)
-        scores.append(_ncc(fixed[fixed_mask], warped[fixed_mask]))
+        scores.append(score(fixed[fixed_mask], warped[fixed_mask]))
     best = int(np.argmax(scores))
-    LOGGER.info("rotation search: best score %.3f (identity %.3f)", scores[best], scores[0])
-    return _about(rotations[best], fc, mc)
+    LOGGER.info("pose search: best %d, score %.3f (header %.3f)", best, scores[best], scores[0])
+    return candidates[best]
 
 
 def register_affine(
@@ -257,6 +270,53 @@ def head_dice(
     return 2.0 * both / max(1, np.count_nonzero(warped) + np.count_nonzero(fixed_mask))
 
 
+def register_heads(
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    fixed_head: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    moving_head: np.ndarray,
+    *,
+    transform: str = "Affine",
+    registration_mm: float = REGISTRATION_MM,
+    min_head_dice: float = MIN_HEAD_DICE,
+    initial: np.ndarray | None = None,
+    score=correlation,
+) -> tuple[np.ndarray, float]:
+    """Register two heads; return the fixed->moving RAS matrix and the head-mask Dice it reaches.
+
+    Both heads (masked) are brought to ``registration_mm`` RAS grids; ``search_initial_pose``
+    picks the start on a ``SEARCH_MM`` grid unless ``initial`` is given, then ANTs optimises a
+    ``transform`` ("Affine" or "Rigid", Mattes MI). Raises ``RegistrationError`` when the head
+    masks overlap less than ``min_head_dice`` afterwards.
+    """
+
+    def grid(data, affine, head, spacing_mm):
+        masked = np.where(head > 0, data, 0).astype(np.float32)
+        image, image_aff = smooth_downsample(masked, affine, spacing_mm)
+        mask = smooth_downsample(head.astype(np.float32), affine, spacing_mm)[0] > 0.5
+        return image, image_aff, mask
+
+    f, f_aff, f_mask = grid(fixed, fixed_affine, fixed_head, registration_mm)
+    m, m_aff, m_mask = grid(moving, moving_affine, moving_head, registration_mm)
+    if initial is None:
+        initial = search_initial_pose(
+            *grid(fixed, fixed_affine, fixed_head, SEARCH_MM),
+            *grid(moving, moving_affine, moving_head, SEARCH_MM),
+            score=score,
+        )
+    matrix = register_affine(f, f_aff, m, m_aff, initial=initial, transform=transform)
+    dice = head_dice(f_mask, f_aff, m_mask, m_aff, matrix)
+    LOGGER.info("%s registration: head Dice %.3f", transform, dice)
+    if dice < min_head_dice:
+        raise RegistrationError(
+            f"after registration the head masks overlap with Dice {dice:.2f} (< {min_head_dice}); "
+            "the registration failed, nothing was defaced"
+        )
+    return matrix, dice
+
+
 def register_atlas(
     data: np.ndarray,
     affine: np.ndarray,
@@ -264,36 +324,30 @@ def register_atlas(
     atlas_head: np.ndarray,
     atlas_affine: np.ndarray,
     atlas_mask: np.ndarray,
-    *,
-    registration_mm: float = REGISTRATION_MM,
-    min_head_dice: float = MIN_HEAD_DICE,
-    initial: np.ndarray | None = None,
+    **kwargs,
 ) -> tuple[np.ndarray, float]:
-    """Affine from subject world to atlas (MNI) world, and the head-mask Dice it reaches.
+    """Affine from subject world to atlas (MNI) world, and the head-mask Dice it reaches."""
+    return register_heads(data, affine, head, atlas_head, atlas_affine, atlas_mask, **kwargs)
 
-    The subject (fixed) and the atlas head (moving) are both brought to ``registration_mm`` RAS
-    grids; a search over the 24 axis rotations picks the start (any head pose works), then ANTs
-    optimises a 12-parameter affine. Raises ``RegistrationError`` when the head masks overlap less
-    than ``min_head_dice`` afterwards. ``initial`` (subject->atlas) replaces the search.
-    """
-    masked = np.where(head > 0, data, 0).astype(np.float32)
-    fixed, fixed_aff = smooth_downsample(masked, affine, registration_mm)
-    fixed_mask = smooth_downsample(head.astype(np.float32), affine, registration_mm)[0] > 0.5
-    moving, moving_aff = smooth_downsample(atlas_head, atlas_affine, registration_mm)
-    moving_mask = smooth_downsample(atlas_mask.astype(np.float32), atlas_affine, registration_mm)[0]
-    moving_mask = moving_mask > 0.5
-    if initial is None:
-        f6, f6_aff = smooth_downsample(masked, affine, SEARCH_MM)
-        f6_mask = smooth_downsample(head.astype(np.float32), affine, SEARCH_MM)[0] > 0.5
-        m6, m6_aff = smooth_downsample(atlas_head, atlas_affine, SEARCH_MM)
-        m6_mask = smooth_downsample(atlas_mask.astype(np.float32), atlas_affine, SEARCH_MM)[0]
-        initial = search_initial_rotation(f6, f6_aff, f6_mask, m6, m6_aff, m6_mask > 0.5)
-    subject_to_atlas = register_affine(fixed, fixed_aff, moving, moving_aff, initial=initial)
-    dice = head_dice(fixed_mask, fixed_aff, moving_mask, moving_aff, subject_to_atlas)
-    LOGGER.info("atlas registration: head Dice %.3f", dice)
-    if dice < min_head_dice:
-        raise RegistrationError(
-            f"the atlas head overlaps the subject's head mask with Dice {dice:.2f} "
-            f"(< {min_head_dice}); registration failed, nothing was defaced"
-        )
-    return subject_to_atlas, dice
+
+def coregister(
+    data: np.ndarray,
+    affine: np.ndarray,
+    head: np.ndarray,
+    ref_data: np.ndarray,
+    ref_affine: np.ndarray,
+    ref_head: np.ndarray,
+    **kwargs,
+) -> tuple[np.ndarray, float]:
+    """Rigid map from another contrast's world to the reference's world (mutual information)."""
+    return register_heads(
+        data,
+        affine,
+        head,
+        ref_data,
+        ref_affine,
+        ref_head,
+        transform="Rigid",
+        score=mutual_information,
+        **kwargs,
+    )

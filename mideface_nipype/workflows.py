@@ -7,9 +7,11 @@ from nipype.pipeline import engine as pe
 
 from mideface_nipype.fill import DEFAULT_SEED
 from mideface_nipype.interfaces import (
+    ApplyFaceMask,
     AtlasExclusionMask,
     Bracket,
     CollectStats,
+    Coregister,
     Deface,
     HeadMask,
     ProjectSurface,
@@ -29,6 +31,9 @@ OUTPUT_FIELDS = [
     "surface",
     "distances",
     "stats",
+    "other_out_files",
+    "other_face_masks",
+    "other_transforms",
 ]
 
 
@@ -43,8 +48,10 @@ def init_mideface_wf(
     seed: int = DEFAULT_SEED,
     fill_const: tuple[float, float] | None = None,
     atlas_dir: str | None = None,
+    other_contrasts: list[str] | bool = False,
+    regheader: bool = False,
 ) -> pe.Workflow:
-    """Deface one head MRI.
+    """Deface one head MRI, and with ``other_contrasts`` its other contrasts with the same mask.
 
     ::
 
@@ -55,8 +62,11 @@ def init_mideface_wf(
           -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
           -> deface (in_file, face mask, seed) -> out_file
           -> stats (all step records) -> stats.json
+          -> [MapNode over other_files] coregister (other -> in_file, rigid)
+                -> apply_mask (face mask + exclusion mask resampled, statistics recomputed)
         outputnode(out_file, face_mask, head_mask, exclusion_mask, transform, itk_transform,
-                   surface, distances, stats)
+                   surface, distances, stats, other_out_files, other_face_masks,
+                   other_transforms)
 
     Inputs
     ------
@@ -66,18 +76,24 @@ def init_mideface_wf(
         exclusion mask on the input grid (only with ``xmask_source="user"``)
     init_transform
         optional 4x4 RAS subject->atlas matrix (text) replacing the rotation search
+    other_files
+        other contrasts of the same head (with ``other_contrasts``; a list given there is set
+        here); each is rigidly registered to ``in_file`` (or taken as is with ``regheader``)
+        and defaced with ``in_file``'s face mask, in parallel (MapNodes)
 
     Outputs
     -------
     out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
-    surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON)
+    surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON);
+    other_out_files, other_face_masks, other_transforms (lists, one per other contrast)
     """
     if xmask_source not in XMASK_SOURCES:
         raise ValueError(f"xmask_source must be one of {XMASK_SOURCES}, not {xmask_source!r}")
     atlas = {"atlas_dir": atlas_dir} if atlas_dir else {}
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
-        IdentityInterface(fields=["in_file", "xmask", "init_transform"]), name="inputnode"
+        IdentityInterface(fields=["in_file", "xmask", "init_transform", "other_files"]),
+        name="inputnode",
     )
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
@@ -93,7 +109,7 @@ def init_mideface_wf(
     deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=1)
     if fill_const is not None:
         deface.inputs.fill_const = tuple(fill_const)
-    records = pe.Node(Merge(5), name="records", run_without_submitting=True)
+    records = pe.Node(Merge(7, ravel_inputs=True), name="records", run_without_submitting=True)
     stats = pe.Node(CollectStats(), name="stats", run_without_submitting=True)
 
     connections = [
@@ -123,14 +139,49 @@ def init_mideface_wf(
         connections += [
             (head_mask, exclusion, [("out_file", "head_mask")]),
             (register, exclusion, [("transform", "transform")]),
-            (exclusion, bracket, [("out_file", "xmask")]),
             (exclusion, records, [("out_stats", "in3")]),
-            (exclusion, outputnode, [("out_file", "exclusion_mask")]),
         ]
+        xmask_out = (exclusion, "out_file")
     else:
+        xmask_out = (inputnode, "xmask")
+    connections += [
+        (xmask_out[0], bracket, [(xmask_out[1], "xmask")]),
+        (xmask_out[0], outputnode, [(xmask_out[1], "exclusion_mask")]),
+    ]
+    if other_contrasts:
+        if not isinstance(other_contrasts, bool):
+            inputnode.inputs.other_files = [str(f) for f in other_contrasts]
+        coregister = pe.MapNode(
+            Coregister(regheader=regheader),
+            iterfield=["in_file"],
+            name="coregister",
+            mem_gb=1.0,
+            n_procs=1,
+        )
+        apply_mask = pe.MapNode(
+            ApplyFaceMask(seed=seed),
+            iterfield=["in_file", "transform"],
+            name="apply_mask",
+            mem_gb=0.5,
+            n_procs=1,
+        )
+        if fill_const is not None:
+            apply_mask.inputs.fill_const = tuple(fill_const)
         connections += [
-            (inputnode, bracket, [("xmask", "xmask")]),
-            (inputnode, outputnode, [("xmask", "exclusion_mask")]),
+            (inputnode, coregister, [("other_files", "in_file"), ("in_file", "reference")]),
+            (head_mask, coregister, [("out_file", "reference_mask")]),
+            (inputnode, apply_mask, [("other_files", "in_file")]),
+            (coregister, apply_mask, [("transform", "transform")]),
+            (bracket, apply_mask, [("out_file", "face_mask")]),
+            (xmask_out[0], apply_mask, [(xmask_out[1], "xmask")]),
+            (coregister, records, [("out_stats", "in6")]),
+            (apply_mask, records, [("out_stats", "in7")]),
+            (
+                apply_mask,
+                outputnode,
+                [("out_file", "other_out_files"), ("face_mask", "other_face_masks")],
+            ),
+            (coregister, outputnode, [("transform", "other_transforms")]),
         ]
     connections.append((inputnode, register, [("init_transform", "init_transform")]))
     workflow.connect(connections)

@@ -1,5 +1,6 @@
 """Thin Nipype interfaces, one per MiDeFace step; the science lives in the package modules."""
 
+from mideface_nipype.interfaces.apply import ApplyFaceMask, Coregister
 from mideface_nipype.interfaces.bracket import Bracket
 from mideface_nipype.interfaces.exclusion import AtlasExclusionMask
 from mideface_nipype.interfaces.fill import Deface
@@ -8,9 +9,11 @@ from mideface_nipype.interfaces.register import ProjectSurface, RegisterAtlas
 from mideface_nipype.interfaces.stats import CollectStats
 
 __all__ = [
+    "ApplyFaceMask",
     "AtlasExclusionMask",
     "Bracket",
     "CollectStats",
+    "Coregister",
     "Deface",
     "HeadMask",
     "ProjectSurface",

@@ -26,7 +26,10 @@ class _CollectStatsOutputSpec(TraitedSpec):
 
 
 class CollectStats(SimpleInterface):
-    """Merge step records (``head_mask.json`` -> section ``head_mask``) and total the seconds."""
+    """Merge step records (``head_mask.json`` -> section ``head_mask``) and total the seconds.
+
+    Per-volume records (those naming an ``in_file``: one per other contrast) become lists.
+    """
 
     input_spec = _CollectStatsInputSpec
     output_spec = _CollectStatsOutputSpec
@@ -37,7 +40,11 @@ class CollectStats(SimpleInterface):
         for path in self.inputs.in_files:
             record = json.loads(Path(path).read_text())
             total += float(record.get("seconds", 0.0))
-            merged[Path(path).stem] = record
+            key = Path(path).stem
+            if "in_file" in record:
+                merged.setdefault(key, []).append(record)
+            else:
+                merged[key] = record
         merged["seconds_total"] = round(total, 3)
         self._results["out_file"] = write_json(merged, out_path(runtime, "stats.json"))
         return runtime
