@@ -54,6 +54,8 @@ SURFACE_MM = 1.5
 HEAD_THRESHOLD = 80.0
 CLOSING_VOX = 3
 VISIBLE_TOL_MM = 4.0
+#: The chin's underside is labelled in front of this coronal plane (the front of the neck).
+CHIN_MIN_Y_MM = 50.0
 #: Centre of the head (MNI mm): a labelled vertex must face away from it (no pockets or folds).
 HEAD_CENTRE_MM = np.array([0.0, -20.0, -30.0])
 EYE_CENTRES_MM = ((33.0, 57.0, -45.0), (-33.0, 57.0, -45.0))
@@ -241,9 +243,17 @@ def label_vertices(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
     ear = (((y + 38.0) / 24.0) ** 2 + ((z + 48.0) / 34.0) ** 2 < 1.0) & (ax > 62.0) & side
     assign("ear-left", ear & (x < 0))
     assign("ear-right", ear & (x > 0))
-    # front-facing only: the outward normals of the chin's underside run into the neck, and one
-    # such vertex would set the label's outward distance (its maximum) to the length of the neck
-    assign("lower-face", front & (z < -82.0) & (z >= -125.0) & (ax < 55.0))
+    # the chin's lower curve too, where it still faces forward: outward normals there run down
+    # and forward into air. Not the underside: its normals run back into the neck, and one such
+    # vertex sets the label's outward distance (its maximum) to the length of the neck
+    under_chin = (
+        outer
+        & visible(vertices, 2, -1.0)
+        & (normals[:, 1] > 0.0)
+        & (normals[:, 2] < -0.3)
+        & (y > CHIN_MIN_Y_MM)
+    )
+    assign("lower-face", (front | under_chin) & (z < -82.0) & (z >= -140.0) & (ax < 55.0))
     assign("upper-face", front & (z >= -82.0) & (z < -25.0) & (ax < 62.0) & (y > 30.0))
     assign("forehead", front & (z >= -25.0) & (z < 40.0) & (ax < 55.0) & (y > 40.0))
     assign("back-of-head", (y < -70.0) & (z >= -90.0) & (z < 20.0) & outer)
@@ -361,6 +371,7 @@ def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:
             "head_threshold": HEAD_THRESHOLD,
             "closing_vox": CLOSING_VOX,
             "visible_tol_mm": VISIBLE_TOL_MM,
+            "chin_min_y_mm": CHIN_MIN_Y_MM,
             "surface_mm": SURFACE_MM,
             "prior_smooth_mm": PRIOR_SMOOTH_MM,
             "bone_intensity_frac": BONE_INTENSITY_FRAC,

@@ -3,15 +3,20 @@
 MiDeFace's ``--apply``: the mask (labels 0-4) is resampled with nearest neighbour into the other
 volume's grid through a transform, the fill statistics are recomputed on that volume (its own
 tissue mean/SD and background mode), and the face compartments are filled. Unlike FreeSurfer we
-also carry the exclusion mask across, conservatively: any target voxel that touches it is kept.
+also carry the exclusion mask across, conservatively: any target voxel that touches it, and one
+more voxel around those (for the registration error between the contrasts), is kept.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from mideface_nipype import fill
 from mideface_nipype.register import resample
+
+#: Extra voxels of protection around the carried exclusion mask (registration error).
+XMASK_MARGIN_VOX = 1
 
 
 def resample_labels(
@@ -41,6 +46,7 @@ def resample_protection(
     target_to_xmask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Target voxels that overlap the exclusion mask at all (linear weight > 0)."""
+
     weight = resample(
         np.asarray(xmask, dtype=np.float32) > 0.5,
         xmask_affine,
@@ -73,7 +79,11 @@ def apply_face_mask(
     shape = data.shape[:3]
     mask = resample_labels(face_mask, mask_affine, shape, affine, target_to_mask)
     if xmask is not None:
-        mask[resample_protection(xmask, mask_affine, shape, affine, target_to_mask)] = 0
+        protect = resample_protection(xmask, mask_affine, shape, affine, target_to_mask)
+        protect = ndi.binary_dilation(
+            protect, ndi.generate_binary_structure(3, 3), XMASK_MARGIN_VOX
+        )
+        mask[protect] = 0
     out, stats = fill.fill_face(data, mask, seed=seed, fill_const=fill_const, stat_frame=stat_frame)
     if fill.code_fits(out.shape):
         out = fill.embed_code(out)

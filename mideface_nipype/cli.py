@@ -203,8 +203,16 @@ def _defaced_name(path: str) -> str:
     return f"{stem}_defaced{suffix}"
 
 
-def _copy_atomic(src: str, dst: Path) -> None:
+def _publish(src: str, dst: Path) -> None:
+    """Put a finished file at ``dst`` atomically, converting the volume format if it differs."""
+    from mideface_nipype import io
+
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if io.split_suffix(dst)[1] != io.split_suffix(src)[1]:
+        import nibabel as nib
+
+        io.save_atomic(nib.load(src), dst)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
     os.close(fd)
     try:
@@ -339,11 +347,11 @@ def run(args) -> int:
         plugin_args = {"n_procs": args.threads} if args.threads > 1 else {}
         graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
         outputs = workflow_outputs(workflow, graph)
-        _copy_atomic(outputs["out_file"], out)
+        _publish(outputs["out_file"], out)
         if args.facemask:
-            _copy_atomic(outputs["face_mask"], Path(args.facemask))
+            _publish(outputs["face_mask"], Path(args.facemask))
         for other, defaced in zip(args.apply_to, outputs.get("other_out_files") or [], strict=True):
-            _copy_atomic(defaced, out.parent / _defaced_name(other))
+            _publish(defaced, out.parent / _defaced_name(other))
         if odir is not None:
             extra = {
                 f"face.mask{suffix}": outputs["face_mask"],
@@ -356,13 +364,7 @@ def run(args) -> int:
                 "stats.json": outputs["stats"],
             }
             for name, src in extra.items():
-                dst = odir / name
-                if io.split_suffix(name)[1] and not src.endswith(suffix):
-                    import nibabel as nib
-
-                    io.save_atomic(nib.load(src), dst)
-                else:
-                    _copy_atomic(src, dst)
+                _publish(src, odir / name)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
