@@ -134,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     prot = p.add_argument_group("protection")
     prot.add_argument(
+        "--samseg",
+        dest="samseg",
+        action="store_true",
+        default=False,
+        help="exclusion mask from the SAMSEG-style segmentation: brain, skull, eyes",
+    )
+    prot.add_argument(
+        "--no-samseg",
+        dest="samseg",
+        action="store_false",
+        help="exclusion mask from the atlas brain and eyes only (default)",
+    )
+    prot.add_argument(
         "--xmask",
         metavar="VOL",
         help="exclusion mask on the input grid: voxels > 0.5 are never modified",
@@ -317,7 +330,7 @@ def run(args) -> int:
     fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
     ripple = args.ripple is not None
     workflow = init_mideface_wf(
-        xmask_source="user" if args.xmask else "atlas",
+        xmask_source="user" if args.xmask else ("segment" if args.samseg else "atlas"),
         ears=args.ears,
         forehead=args.forehead,
         back_of_head=args.back_of_head,
@@ -363,6 +376,9 @@ def run(args) -> int:
                 "distances.json": outputs["distances"],
                 "stats.json": outputs["stats"],
             }
+            if outputs.get("segmentation"):
+                extra[f"seg{suffix}"] = outputs["segmentation"]
+                extra["segmentation.png"] = outputs["segmentation_report"]
             for name, src in extra.items():
                 _publish(src, odir / name)
     finally:

@@ -96,3 +96,45 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.write_bytes(png)
     return path
+
+
+#: Outline colours of segmentation labels 0-6 (air, soft, bone, csf, gm, wm, eyes).
+LABEL_COLOURS = np.array(
+    [
+        [0, 0, 0],
+        [230, 160, 90],
+        [250, 250, 250],
+        [60, 120, 255],
+        [120, 220, 120],
+        [250, 220, 60],
+        [255, 40, 40],
+    ],
+    dtype=np.uint8,
+)
+
+
+def label_slices(data: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Sagittal, coronal and axial slices through the head centre, label borders drawn in colour.
+
+    Arrays are reoriented to RAS through the affine first, so every subject is shown alike.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    img = nib.orientations.apply_orientation(np.asarray(data, dtype=np.float32), ornt)
+    lab = nib.orientations.apply_orientation(np.asarray(labels), ornt)
+    centre = np.round(np.argwhere(lab > 0).mean(0)).astype(int)
+    hi = np.percentile(img[lab > 0], 99) if (lab > 0).any() else img.max()
+    panels = []
+    for axis in range(3):
+        grey = np.clip(np.take(img, centre[axis], axis=axis) / max(hi, 1e-6), 0, 1) * 255
+        sl = np.take(lab, centre[axis], axis=axis)
+        rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
+        border = np.zeros(sl.shape, dtype=bool)
+        border[1:, :] |= sl[1:, :] != sl[:-1, :]
+        border[:, 1:] |= sl[:, 1:] != sl[:, :-1]
+        rgb[border] = LABEL_COLOURS[np.clip(sl[border], 0, len(LABEL_COLOURS) - 1)]
+        panels.append(np.transpose(rgb, (1, 0, 2))[::-1])  # rows = superior first
+    height = max(p.shape[0] for p in panels)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
+    return np.concatenate(padded, axis=1)

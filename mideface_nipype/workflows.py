@@ -16,10 +16,12 @@ from mideface_nipype.interfaces import (
     HeadMask,
     ProjectSurface,
     RegisterAtlas,
+    Segment,
 )
 
-#: Where the exclusion mask comes from: the atlas priors, or a file the user gives.
-XMASK_SOURCES = ("atlas", "user")
+#: Where the exclusion mask comes from: the atlas priors (default for now), the SAMSEG-style
+#: segmentation (--samseg), or a file the user gives.
+XMASK_SOURCES = ("segment", "atlas", "user")
 
 OUTPUT_FIELDS = [
     "out_file",
@@ -34,6 +36,8 @@ OUTPUT_FIELDS = [
     "other_out_files",
     "other_face_masks",
     "other_transforms",
+    "segmentation",
+    "segmentation_report",
 ]
 
 
@@ -58,7 +62,7 @@ def init_mideface_wf(
         inputnode(in_file, xmask, init_transform)
           -> head_mask ----------------------------+
           -> register (atlas -> subject, affine) --+--> project (atlas surface in subject mm)
-          -> exclusion (atlas priors | user xmask) |
+          -> exclusion (segmentation | atlas priors | user xmask)
           -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
           -> deface (in_file, face mask, seed) -> out_file
           -> stats (all step records) -> stats.json
@@ -85,6 +89,7 @@ def init_mideface_wf(
     -------
     out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
     surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON);
+    segmentation, segmentation_report (labels and a PNG, with ``xmask_source="segment"``);
     other_out_files, other_face_masks, other_transforms (lists, one per other contrast)
     """
     if xmask_source not in XMASK_SOURCES:
@@ -134,7 +139,21 @@ def init_mideface_wf(
         (project, outputnode, [("out_file", "surface")]),
         (stats, outputnode, [("out_file", "stats")]),
     ]
-    if xmask_source == "atlas":
+    if xmask_source == "segment":
+        seg = pe.Node(Segment(**atlas), name="segment", mem_gb=1.5, n_procs=1)
+        connections += [
+            (inputnode, seg, [("in_file", "in_file")]),
+            (head_mask, seg, [("out_file", "head_mask")]),
+            (register, seg, [("transform", "transform")]),
+            (seg, records, [("out_stats", "in3")]),
+            (
+                seg,
+                outputnode,
+                [("out_labels", "segmentation"), ("out_report", "segmentation_report")],
+            ),
+        ]
+        xmask_out = (seg, "out_file")
+    elif xmask_source == "atlas":
         exclusion = pe.Node(AtlasExclusionMask(**atlas), name="exclusion", mem_gb=0.5, n_procs=1)
         connections += [
             (head_mask, exclusion, [("out_file", "head_mask")]),

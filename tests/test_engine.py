@@ -179,3 +179,20 @@ def test_fill_const_and_mgz_output(tmp_path):
     untouched = face == 0
     untouched[: len(fill.CODE_TAG), 0, 0] = False
     assert np.allclose(real[untouched], real_src[untouched])
+
+
+def test_samseg_exclusion_mask_protects_brain(tmp_path):
+    """--samseg: the segmentation's exclusion mask (brain, bone, eyes) is never modified."""
+    import json
+
+    name = "IXI013-HH-1212-T1_ds.nii.gz"
+    assert cli.main(["--i", str(HEADS_DIR / name), "--odir", str(tmp_path), "--samseg"]) == 0
+    src = io.stored_data(nib.load(HEADS_DIR / name))
+    out = io.stored_data(nib.load(tmp_path / "defaced.nii.gz"))
+    xmask = np.asarray(nib.load(tmp_path / "exclusion.mask.nii.gz").dataobj) > 0
+    assert xmask.sum() > 100_000
+    assert np.count_nonzero((src != out) & xmask) == 0
+    assert (tmp_path / "segmentation.png").stat().st_size > 1000
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["exclusion"]["method"] == "segment"
+    assert 1000 < stats["exclusion"]["icv_ml"] < 2200

@@ -6,6 +6,7 @@ from mideface_nipype.interfaces.exclusion import AtlasExclusionMask
 from mideface_nipype.interfaces.fill import Deface
 from mideface_nipype.interfaces.headmask import HeadMask
 from mideface_nipype.interfaces.register import ProjectSurface, RegisterAtlas
+from mideface_nipype.interfaces.segment import Segment
 from mideface_nipype.interfaces.stats import CollectStats
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "HeadMask",
     "ProjectSurface",
     "RegisterAtlas",
+    "Segment",
 ]

@@ -1,0 +1,85 @@
+"""Segment: SAMSEG-style whole-head segmentation and the exclusion mask it gives."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from mideface_nipype import exclusion, io, qa, segment
+from mideface_nipype.atlas import CLASSES, load_atlas
+from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+
+#: QA pictures are enlarged to at least this height (pixels).
+QA_MIN_HEIGHT_PX = 360
+
+
+class _SegmentInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="head MRI, any contrast (frame 0 is used)")
+    head_mask = File(exists=True, mandatory=True, desc="head mask of in_file")
+    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
+    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+    dilate_vox = traits.Int(exclusion.XMASK_DILATE_VOX, usedefault=True, desc="dilations")
+
+
+class _SegmentOutputSpec(TraitedSpec):
+    out_labels = File(exists=True, desc="labels (0 air, 1 soft, 2 bone, 3 csf, 4 gm, 5 wm, 6 eyes)")
+    out_posteriors = File(exists=True, desc="4-D posteriors (classes in atlas order), 0-1")
+    out_file = File(exists=True, desc="exclusion mask: brain + bone + eyes, dilated, in the head")
+    out_report = File(exists=True, desc="PNG: three orthogonal slices with the label borders")
+    out_stats = File(exists=True, desc="JSON: intracranial volume, class intensities, seconds")
+
+
+class Segment(SimpleInterface):
+    """Contrast-adaptive segmentation (atlas priors + Gaussian mixtures by EM + bias field)."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _SegmentOutputSpec
+
+    def _run_interface(self, runtime):
+        record: dict = {"method": "segment"}
+        with step("segmentation", record):
+            img = io.load_volume(self.inputs.in_file)
+            head = np.asarray(nib.load(self.inputs.head_mask).dataobj) > 0
+            data = io.first_frame(img)
+            seg = segment.segment(
+                data,
+                img.affine,
+                head,
+                load_atlas(self.inputs.atlas_dir or None),
+                load_matrix(self.inputs.transform),
+            )
+            xmask = segment.exclusion_mask(seg, head, self.inputs.dilate_vox)
+        record.update(
+            icv_ml=seg.icv_ml,
+            xmask_voxels=int(xmask.sum()),
+            class_means=seg.class_means,
+            class_stds=seg.class_stds,
+            iterations=seg.iterations,
+            label_voxels={c: int((seg.labels == segment.SEG_LABELS[c]).sum()) for c in CLASSES},
+        )
+        self._results["out_labels"] = out_path(runtime, "labels.nii.gz")
+        nib.save(
+            nib.Nifti1Image(seg.labels.astype(np.uint8), img.affine), self._results["out_labels"]
+        )
+        post = nib.Nifti1Image(np.round(seg.posteriors * 255).astype(np.uint8), img.affine)
+        post.header.set_slope_inter(1 / 255, 0)
+        self._results["out_posteriors"] = out_path(runtime, "posteriors.nii.gz")
+        nib.save(post, self._results["out_posteriors"])
+        self._results["out_file"] = out_path(runtime, "exclusion_mask.nii.gz")
+        nib.save(nib.Nifti1Image(xmask.astype(np.uint8), img.affine), self._results["out_file"])
+        picture = qa.label_slices(data, seg.labels, img.affine)
+        zoom = max(1, int(np.ceil(QA_MIN_HEIGHT_PX / picture.shape[0])))
+        picture = np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)
+        self._results["out_report"] = str(
+            qa.save_png(picture, out_path(runtime, "segmentation.png"))
+        )
+        self._results["out_stats"] = write_json(record, out_path(runtime, "exclusion.json"))
+        return runtime
