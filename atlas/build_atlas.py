@@ -288,7 +288,7 @@ def save_qa(
     qa_dir: Path,
 ) -> None:
     """Step 7: renders of the labelled surface and slices of the most likely tissue class."""
-    from mideface_nipype import qa
+    from mideface_nipype import qa, render
 
     palette = np.array(
         [
@@ -309,7 +309,7 @@ def save_qa(
     qa_dir.mkdir(parents=True, exist_ok=True)
     for view in ("front", "left", "right", "three-quarter"):
         qa.save_png(
-            qa.render_mesh(mesh.vertices, mesh.faces, view=view, vertex_colors=colours),
+            render.render_mesh(mesh.vertices, mesh.faces, view=view, vertex_colors=colours),
             qa_dir / f"labels-{view}.png",
         )
     tissue_colours = np.array(

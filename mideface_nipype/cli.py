@@ -30,7 +30,12 @@ outputs
                       face, 2 air under it, 3 tissue beyond it, 4 air beyond it), head.mask,
                       exclusion.mask, subject_to_atlas.txt (4x4 RAS) and .mat (ANTs),
                       template.surf.gii (the atlas face in subject mm), distances.json,
-                      stats.json, and log/mideface.log
+                      stats.json, report.html (warnings, statistics, options, versions,
+                      timings; pictures with --pics) and log/mideface.log
+  --pics              also in DIR: face-before.png, face-after.png, face-before+after.gif,
+                      dist-to-face.png, slices.png, head.surf.gii, head.defaced.surf.gii,
+                      dist-to-face.func.gii
+  sub-*_*.nii[.gz]    a BIDS-named input also gets a JSON sidecar next to each defaced file
 
 examples
   mideface --i sub-01_T1w.nii.gz --o sub-01_T1w_defaced.nii.gz
@@ -41,7 +46,7 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import bracket, fill
+    from mideface_nipype import bracket, fill, workflows
 
     p = argparse.ArgumentParser(
         prog="mideface",
@@ -133,18 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     prot = p.add_argument_group("protection")
+    samseg_default = workflows.DEFAULT_XMASK_SOURCE == "segment"
     prot.add_argument(
         "--samseg",
         dest="samseg",
         action="store_true",
-        default=False,
-        help="exclusion mask from the SAMSEG-style segmentation: brain, skull, eyes",
+        default=samseg_default,
+        help="exclusion mask from the SAMSEG-style segmentation of this head: brain, skull, "
+        "eyes" + (" (default)" if samseg_default else ""),
     )
     prot.add_argument(
         "--no-samseg",
         dest="samseg",
         action="store_false",
-        help="exclusion mask from the atlas brain and eyes only (default)",
+        help="exclusion mask from the atlas brain and eyes only, through the registration"
+        + ("" if samseg_default else " (default)"),
     )
     prot.add_argument(
         "--xmask",
@@ -155,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-reg",
         metavar="TXT",
         help="4x4 RAS matrix (subject -> atlas mm) to start the registration from",
+    )
+
+    qa = p.add_argument_group("quality control")
+    qa.add_argument(
+        "--pics",
+        action="store_true",
+        help="with --odir: pictures of the skin before and after defacing in the atlas pose "
+        "(PNG, GIF), outlined slices, the skin surfaces and the dist-to-face check, all in "
+        "DIR and in DIR/report.html",
     )
 
     misc = p.add_argument_group("other")
@@ -226,14 +243,7 @@ def _publish(src: str, dst: Path) -> None:
 
         io.save_atomic(nib.load(src), dst)
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    io.copy_atomic(src, dst)
 
 
 def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
@@ -253,12 +263,50 @@ def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
         out = odir / f"defaced{suffix}"
     else:
         raise InputError("give an output: --o VOL or --odir DIR")
-    if out.resolve() == in_file.resolve():
-        raise InputError(f"{out}: the output would overwrite the input")
-    target = out.parent if out.parent.exists() else out.parent.parent
-    if target.exists() and not os.access(target, os.W_OK):
-        raise InputError(f"{out}: the output folder is not writable")
+    written = [out] + ([Path(args.facemask)] if args.facemask else [])
+    for path in written:
+        if path.resolve() == in_file.resolve():
+            raise InputError(f"{path}: the output would overwrite the input")
+        _check_writable(path)
+    if odir is not None:
+        _check_writable(odir / "stats.json")
     return out, odir, suffix
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, an output that is a folder, lies under a file, or is read-only."""
+    from mideface_nipype.io import InputError
+
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file the output can be written to")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: the output folder {folder} is not writable")
+
+
+def _options(args) -> dict:
+    """The command line's settings, for the report and the sidecars."""
+    return {k: v for k, v in sorted(vars(args).items()) if v is not None and v != []}
+
+
+def _write_sidecars(args, in_file: Path, out: Path, odir: Path | None, suffix: str, options):
+    """BIDS-named inputs: a JSON sidecar (tool, version, options, face mask) by each output."""
+    from mideface_nipype import report
+
+    if args.facemask:
+        face_mask = Path(args.facemask)
+    else:
+        face_mask = odir / f"face.mask{suffix}" if odir is not None else None
+    pairs = [(in_file, out)] + [(Path(o), out.parent / _defaced_name(o)) for o in args.apply_to]
+    for source, defaced in pairs:
+        if report.is_bids_name(source):
+            report.write_sidecar(
+                defaced, options=options, face_mask_path=face_mask, source_path=source
+            )
 
 
 def run_check(paths: list[str]) -> int:
@@ -276,7 +324,7 @@ def run_apply(args) -> int:
     """FreeSurfer's ``--apply VOL FACEMASK REG OUT``."""
     import numpy as np
 
-    from mideface_nipype import apply, io, register
+    from mideface_nipype import apply, io, register, report
 
     vol, facemask, reg, out = args.apply
     _setup_logging(Path(args.log) if args.log else None, args.verbose)
@@ -306,6 +354,8 @@ def run_apply(args) -> int:
         stat_frame=args.statframe,
     )
     io.save_atomic(io.like(img, data, descrip=io.defaced_descrip()), out)
+    if report.is_bids_name(vol):
+        report.write_sidecar(out, options=_options(args), face_mask_path=facemask, source_path=vol)
     LOGGER.info("applied %s to %s -> %s (%d face voxels)", facemask, vol, out, stats.n1)
     return 0
 
@@ -318,6 +368,8 @@ def run(args) -> int:
 
     in_file = Path(args.i)
     out, odir, suffix = _resolve_outputs(args, in_file)
+    if args.pics and odir is None:
+        raise io.InputError("--pics needs --odir DIR: the pictures and report.html go there")
     log_file = Path(args.log) if args.log else (odir / "log" / "mideface.log" if odir else None)
     _setup_logging(log_file, args.verbose)
     LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
@@ -339,7 +391,10 @@ def run(args) -> int:
         fill_const=tuple(fill_const) if fill_const else None,
         other_contrasts=[str(Path(f).resolve()) for f in args.apply_to],
         regheader=args.regheader,
+        pics=args.pics,
     )
+    options = _options(args)
+    workflow.get_node("report").inputs.options = options
     workflow.get_node("deface").inputs.stat_frame = args.statframe
     if ripple and args.ripple:
         workflow.get_node("bracket").inputs.ripple_amp_mm = args.ripple[0]
@@ -379,8 +434,15 @@ def run(args) -> int:
             if outputs.get("segmentation"):
                 extra[f"seg{suffix}"] = outputs["segmentation"]
                 extra["segmentation.png"] = outputs["segmentation_report"]
+            extra["report.html"] = outputs["report"]
+            if args.pics:
+                extra.update({Path(src).name: src for src in outputs["pictures"]})
+                extra["head.surf.gii"] = outputs["head_surface"]
+                extra["head.defaced.surf.gii"] = outputs["defaced_surface"]
+                extra["dist-to-face.func.gii"] = outputs["dist_to_face"]
             for name, src in extra.items():
                 _publish(src, odir / name)
+        _write_sidecars(args, in_file, out, odir, suffix, options)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

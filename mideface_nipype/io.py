@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +24,10 @@ from mideface_nipype import __version__
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 #: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
 MIN_AXIS_VOXELS = 4
+#: Voxel edges (mm) outside this range mean a broken header, not a head MRI.
+VOXEL_MM_RANGE = (0.01, 20.0)
+#: A field of view farther than this (mm) from the scanner origin means a broken header.
+MAX_OFFSET_MM = 10_000.0
 
 
 class InputError(ValueError):
@@ -43,9 +50,17 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a volume file")
+    _check_gzip(path)
     try:
         img = nib.load(path)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+    ) as err:
         reason = " ".join(str(err).split())
         raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({reason})") from err
     if not isinstance(img, nib.spatialimages.SpatialImage):
@@ -62,6 +77,18 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InputError(f"{path}: has an unusable voxel-to-world affine")
+    voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
+    if voxel_mm.min() < VOXEL_MM_RANGE[0] or voxel_mm.max() > VOXEL_MM_RANGE[1]:
+        raise InputError(
+            f"{path}: has an absurd affine: voxels of {np.round(voxel_mm, 4).tolist()} mm "
+            f"(a head MRI has {VOXEL_MM_RANGE[0]} to {VOXEL_MM_RANGE[1]} mm)"
+        )
+    centre_mm = affine[:3, :3] @ ((np.asarray(shape[:3]) - 1) / 2.0) + affine[:3, 3]
+    if np.abs(centre_mm).max() > MAX_OFFSET_MM:
+        raise InputError(
+            f"{path}: has an absurd affine: the field of view is centred "
+            f"{np.abs(centre_mm).max():.3g} mm from the scanner origin"
+        )
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
@@ -76,6 +103,25 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
     if data.size == 0 or np.ptp(data) == 0:
         raise InputError(f"{path}: is empty (every voxel has the same value)")
     return img
+
+
+def _check_gzip(path: Path) -> None:
+    """Read a gzip stream to its end: only there its CRC shows corruption (nibabel stops early)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror})") from err
+    if magic != b"\x1f\x8b":
+        return
+    try:
+        with gzip.open(path) as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        reason = " ".join(str(err).split())
+        message = f"{path}: the compressed data are truncated or corrupt ({reason})"
+        raise InputError(message) from err
 
 
 def stored_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
@@ -131,17 +177,10 @@ def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
     _, suffix = split_suffix(path)
     if not suffix:
         raise InputError(f"{path}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
-            img = _to_mgh(img)
+    if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
+        img = _to_mgh(img)
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -159,16 +198,41 @@ def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
     return nib.MGHImage(data, img.affine)
 
 
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a text file atomically (temp file + rename)."""
+@contextmanager
+def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[str]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` only on success.
+
+    ``path`` thus either holds a complete file or is untouched, also when the process is killed
+    (a killed write leaves only a hidden ``.<name>.*`` file, which ``remove_stale_temps`` clears).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Temporary files of an earlier write of ``path`` that was killed before its rename."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` so that ``dst`` is either complete or untouched."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)

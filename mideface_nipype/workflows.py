@@ -14,14 +14,17 @@ from mideface_nipype.interfaces import (
     Coregister,
     Deface,
     HeadMask,
+    Pics,
     ProjectSurface,
     RegisterAtlas,
+    Report,
     Segment,
 )
 
-#: Where the exclusion mask comes from: the atlas priors (default for now), the SAMSEG-style
-#: segmentation (--samseg), or a file the user gives.
+#: Where the exclusion mask comes from: the SAMSEG-style segmentation (brain, skull, eyes), the
+#: atlas priors alone (brain and eyes; ``--no-samseg``), or a file the user gives.
 XMASK_SOURCES = ("segment", "atlas", "user")
+DEFAULT_XMASK_SOURCE = "segment"
 
 OUTPUT_FIELDS = [
     "out_file",
@@ -38,13 +41,18 @@ OUTPUT_FIELDS = [
     "other_transforms",
     "segmentation",
     "segmentation_report",
+    "report",
+    "pictures",
+    "head_surface",
+    "defaced_surface",
+    "dist_to_face",
 ]
 
 
 def init_mideface_wf(
     *,
     name: str = "mideface_wf",
-    xmask_source: str = "atlas",
+    xmask_source: str = DEFAULT_XMASK_SOURCE,
     ears: bool = True,
     forehead: bool = False,
     back_of_head: bool = False,
@@ -54,6 +62,7 @@ def init_mideface_wf(
     atlas_dir: str | None = None,
     other_contrasts: list[str] | bool = False,
     regheader: bool = False,
+    pics: bool = False,
 ) -> pe.Workflow:
     """Deface one head MRI, and with ``other_contrasts`` its other contrasts with the same mask.
 
@@ -65,7 +74,9 @@ def init_mideface_wf(
           -> exclusion (segmentation | atlas priors | user xmask)
           -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
           -> deface (in_file, face mask, seed) -> out_file
+          -> [pics] skin renders before/after in the atlas pose, dist-to-face (with pics)
           -> stats (all step records) -> stats.json
+          -> report (stats, face mask, pictures) -> report.html
           -> [MapNode over other_files] coregister (other -> in_file, rigid)
                 -> apply_mask (face mask + exclusion mask resampled, statistics recomputed)
         outputnode(out_file, face_mask, head_mask, exclusion_mask, transform, itk_transform,
@@ -90,7 +101,10 @@ def init_mideface_wf(
     out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
     surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON);
     segmentation, segmentation_report (labels and a PNG, with ``xmask_source="segment"``);
-    other_out_files, other_face_masks, other_transforms (lists, one per other contrast)
+    other_out_files, other_face_masks, other_transforms (lists, one per other contrast);
+    report (report.html: warnings, statistics, options, versions, timings; always);
+    with ``pics``: pictures (PNGs and a GIF, see ``report.PICTURES``), head_surface,
+    defaced_surface (skin surfaces, GIfTI) and dist_to_face (per-vertex distance, GIfTI)
     """
     if xmask_source not in XMASK_SOURCES:
         raise ValueError(f"xmask_source must be one of {XMASK_SOURCES}, not {xmask_source!r}")
@@ -114,8 +128,22 @@ def init_mideface_wf(
     deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=1)
     if fill_const is not None:
         deface.inputs.fill_const = tuple(fill_const)
-    records = pe.Node(Merge(7, ravel_inputs=True), name="records", run_without_submitting=True)
+    records = pe.Node(Merge(8, ravel_inputs=True), name="records", run_without_submitting=True)
     stats = pe.Node(CollectStats(), name="stats", run_without_submitting=True)
+    options = {
+        "xmask_source": xmask_source,
+        "ears": ears,
+        "forehead": forehead,
+        "back_of_head": back_of_head,
+        "ripple": ripple,
+        "seed": seed,
+        "fill_const": fill_const,
+        "regheader": regheader,
+        "pics": pics,
+    }
+    html = pe.Node(
+        Report(options=options), name="report", mem_gb=0.3, n_procs=1, run_without_submitting=True
+    )
 
     connections = [
         (inputnode, head_mask, [("in_file", "in_file")]),
@@ -138,6 +166,10 @@ def init_mideface_wf(
         (register, outputnode, [("transform", "transform"), ("itk_transform", "itk_transform")]),
         (project, outputnode, [("out_file", "surface")]),
         (stats, outputnode, [("out_file", "stats")]),
+        (inputnode, html, [("in_file", "in_file")]),
+        (stats, html, [("out_file", "stats")]),
+        (bracket, html, [("out_file", "face_mask")]),
+        (html, outputnode, [("out_file", "report")]),
     ]
     if xmask_source == "segment":
         seg = pe.Node(Segment(**atlas), name="segment", mem_gb=1.5, n_procs=1)
@@ -167,6 +199,27 @@ def init_mideface_wf(
         (xmask_out[0], bracket, [(xmask_out[1], "xmask")]),
         (xmask_out[0], outputnode, [(xmask_out[1], "exclusion_mask")]),
     ]
+    if pics:
+        qa = pe.Node(Pics(), name="pics", mem_gb=1.5, n_procs=1)
+        connections += [
+            (inputnode, qa, [("in_file", "in_file")]),
+            (register, qa, [("transform", "transform")]),
+            (deface, qa, [("out_file", "defaced_file")]),
+            (bracket, qa, [("out_file", "face_mask")]),
+            (xmask_out[0], qa, [(xmask_out[1], "xmask")]),
+            (qa, records, [("out_stats", "in8")]),
+            (qa, html, [("pictures", "pictures")]),
+            (
+                qa,
+                outputnode,
+                [
+                    ("pictures", "pictures"),
+                    ("head_surface", "head_surface"),
+                    ("defaced_surface", "defaced_surface"),
+                    ("dist_to_face", "dist_to_face"),
+                ],
+            ),
+        ]
     if other_contrasts:
         if not isinstance(other_contrasts, bool):
             inputnode.inputs.other_files = [str(f) for f in other_contrasts]

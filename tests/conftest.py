@@ -19,3 +19,14 @@ ALL_T1W_HEADS = FACE_HEADS + ["colin27_ch2_T1w.nii.gz", "chris_T1w.nii.gz"]
 def heads_dir() -> Path:
     assert HEADS_DIR.is_dir(), f"real heads not found at {HEADS_DIR}"
     return HEADS_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nipype_crash_files(tmp_path_factory) -> Path:
+    """Nipype's crash reports of tests that fail on purpose go to a temporary folder, not the
+    checkout (the CLI points them at its work folder; workflows run directly would not)."""
+    from nipype import config
+
+    crash_dir = tmp_path_factory.mktemp("crash")
+    config.set("execution", "crashdump_dir", str(crash_dir))
+    return crash_dir

@@ -12,6 +12,7 @@ from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR
 from scipy import ndimage as ndi
 
 from mideface_nipype import cli, fill, io
+from mideface_nipype.segment import SEG_LABELS
 
 #: Smallest mean change (mm) of the frontal skin depth over the face region after defacing.
 MIN_MEAN_DEPTH_CHANGE_MM = 1.0
@@ -131,9 +132,17 @@ def test_odir_outputs_and_stats(runs):
         "distances.json",
         "stats.json",
         "log/mideface.log",
+        "seg.nii.gz",
+        "segmentation.png",
     ):
         assert (odir / name).is_file(), name
     stats = json.loads((odir / "stats.json").read_text())
+    # by default the exclusion mask comes from this head's segmentation: brain, skull and eyes
+    assert stats["exclusion"]["method"] == "segment"
+    assert 1000 < stats["exclusion"]["icv_ml"] < 2200
+    xmask = np.asarray(nib.load(odir / "exclusion.mask.nii.gz").dataobj) > 0
+    seg = np.asarray(nib.load(odir / "seg.nii.gz").dataobj)
+    assert np.all(xmask[seg == SEG_LABELS["bone"]]) and np.all(xmask[seg == SEG_LABELS["eyes"]])
     face = np.asarray(nib.load(odir / "face.mask.nii.gz").dataobj)
     counts = stats["bracket"]["compartment_voxels"]
     for k in range(1, 5):
@@ -181,18 +190,18 @@ def test_fill_const_and_mgz_output(tmp_path):
     assert np.allclose(real[untouched], real_src[untouched])
 
 
-def test_samseg_exclusion_mask_protects_brain(tmp_path):
-    """--samseg: the segmentation's exclusion mask (brain, bone, eyes) is never modified."""
+def test_no_samseg_falls_back_to_the_atlas_exclusion_mask(tmp_path):
+    """--no-samseg: brain and eyes of the atlas priors, through the registration, are protected."""
     import json
 
     name = "IXI013-HH-1212-T1_ds.nii.gz"
-    assert cli.main(["--i", str(HEADS_DIR / name), "--odir", str(tmp_path), "--samseg"]) == 0
+    assert cli.main(["--i", str(HEADS_DIR / name), "--odir", str(tmp_path), "--no-samseg"]) == 0
     src = io.stored_data(nib.load(HEADS_DIR / name))
     out = io.stored_data(nib.load(tmp_path / "defaced.nii.gz"))
     xmask = np.asarray(nib.load(tmp_path / "exclusion.mask.nii.gz").dataobj) > 0
     assert xmask.sum() > 100_000
     assert np.count_nonzero((src != out) & xmask) == 0
-    assert (tmp_path / "segmentation.png").stat().st_size > 1000
+    assert np.count_nonzero((src != out) & independent_brain_mask(str(HEADS_DIR / name))) == 0
+    assert not (tmp_path / "seg.nii.gz").exists()
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["exclusion"]["method"] == "segment"
-    assert 1000 < stats["exclusion"]["icv_ml"] < 2200
+    assert stats["exclusion"]["method"] == "atlas"

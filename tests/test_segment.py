@@ -29,17 +29,18 @@ from mideface_nipype.segment import (
     voxel_volume_ml,
 )
 
-IXI_HEADS = [name for name in FACE_HEADS if name.startswith("IXI")][0:6:2]
+IXI_HEADS = [name for name in FACE_HEADS if name.startswith("IXI")]
 DCMQA = "dcmqa-xa30_T1w_2mm.nii.gz"
 COLIN = "colin27_ch2_T1w.nii.gz"
 CHRIS_T1W = "chris_T1w.nii.gz"
 CHRIS_PD = "chris_PD.nii.gz"
-#: Heads for the brain-mask Dice (3 IXI, the XA30 MPRAGE with strong coil shading, colin27).
-DICE_HEADS = IXI_HEADS + [DCMQA, COLIN]
-#: Heads with the whole face in view, for the eyes.
-EYE_HEADS = IXI_HEADS + [DCMQA]
-#: Heads for the skull test (both 2 mm and 1 mm grids).
-BONE_HEADS = IXI_HEADS + [DCMQA, COLIN]
+#: Every real T1w head: the IXI heads, the XA30 MPRAGE with strong coil shading, colin27 and the
+#: 0.88 mm chris_T1w (chris_PD, its PD pair, has its own test below).
+DICE_HEADS = IXI_HEADS + [DCMQA, COLIN, CHRIS_T1W]
+#: Heads with both eyes in view (colin27's box cuts the orbits).
+EYE_HEADS = IXI_HEADS + [DCMQA, CHRIS_T1W]
+#: Heads for the skull test (2 mm, 1 mm and 0.88 mm grids).
+BONE_HEADS = DICE_HEADS
 
 MIN_BRAIN_DICE = 0.90
 MIN_CONTRAST_DICE = 0.85

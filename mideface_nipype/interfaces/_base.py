@@ -8,9 +8,37 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File
 
 LOGGER = logging.getLogger("mideface")
+
+
+class AtlasInputSpec(BaseInterfaceInputSpec):
+    """Inputs of every step that reads the atlas."""
+
+    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+
+
+class SubjectGridInputSpec(AtlasInputSpec):
+    """Inputs of the steps that work on the subject's grid through the atlas registration."""
+
+    head_mask = File(exists=True, mandatory=True, desc="subject head mask (defines the grid)")
+    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
+
+
+def load_mask(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(boolean mask, affine) of a mask file: voxels > 0.5 are in."""
+    img = nib.load(path)
+    return np.asarray(img.dataobj) > 0.5, img.affine
+
+
+def save_mask(mask: np.ndarray, affine: np.ndarray, runtime, name: str) -> str:
+    """Write a uint8 mask or label volume into the node's folder; its path."""
+    path = out_path(runtime, name)
+    nib.save(nib.Nifti1Image(np.asarray(mask).astype(np.uint8), affine), path)
+    return path
 
 
 def out_path(runtime, name: str) -> str:

@@ -16,8 +16,10 @@ from nipype.interfaces.base import (
 
 from mideface_nipype import apply, fill, headmask, io, register
 from mideface_nipype.interfaces._base import (
+    load_mask,
     load_matrix,
     out_path,
+    save_mask,
     save_matrix,
     step,
     write_json,
@@ -59,7 +61,7 @@ class Coregister(SimpleInterface):
                     np.asarray(headmask.head_mask(img).dataobj) > 0,
                     io.first_frame(ref),
                     ref.affine,
-                    np.asarray(nib.load(self.inputs.reference_mask).dataobj) > 0,
+                    load_mask(self.inputs.reference_mask)[0],
                 )
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "to_reference.txt"))
         self._results["itk_transform"] = str(
@@ -118,7 +120,6 @@ class ApplyFaceMask(SimpleInterface):
         stem, suffix = io.split_suffix(Path(self.inputs.in_file).name)
         self._results["out_file"] = out_path(runtime, f"{stem}_defaced{suffix}")
         io.save_atomic(io.like(img, out, descrip=io.defaced_descrip()), self._results["out_file"])
-        self._results["face_mask"] = out_path(runtime, f"{stem}_facemask.nii.gz")
-        nib.save(nib.Nifti1Image(mask, img.affine), self._results["face_mask"])
+        self._results["face_mask"] = save_mask(mask, img.affine, runtime, f"{stem}_facemask.nii.gz")
         self._results["out_stats"] = write_json(record, out_path(runtime, "apply.json"))
         return runtime

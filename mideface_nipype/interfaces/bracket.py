@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
 from mideface_nipype import bracket
 from mideface_nipype.atlas import load_atlas
-from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    SubjectGridInputSpec,
+    load_mask,
+    load_matrix,
+    out_path,
+    save_mask,
+    step,
+    write_json,
+)
 from mideface_nipype.register import apply_affine
 
 
-class _BracketInputSpec(BaseInterfaceInputSpec):
-    head_mask = File(exists=True, mandatory=True, desc="subject head mask (defines the grid)")
+class _BracketInputSpec(SubjectGridInputSpec):
     surface = File(exists=True, mandatory=True, desc="atlas surface in subject mm (GIfTI)")
-    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
     xmask = File(exists=True, desc="exclusion mask on the same grid (voxels > 0.5 never change)")
-    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
     ears = traits.Bool(True, usedefault=True, desc="deface the ears")
     forehead = traits.Bool(False, usedefault=True, desc="deface the forehead (risks brain)")
     back_of_head = traits.Bool(False, usedefault=True, desc="deface the back of the head")
@@ -51,13 +49,12 @@ class Bracket(SimpleInterface):
     def _run_interface(self, runtime):
         record: dict = {}
         with step("bracketing", record):
-            head_img = nib.load(self.inputs.head_mask)
-            head = np.asarray(head_img.dataobj) > 0
+            head, affine = load_mask(self.inputs.head_mask)
             atlas = load_atlas(self.inputs.atlas_dir or None)
             surf = nib.load(self.inputs.surface)
             xmask = None
             if self.inputs.xmask:
-                xmask = np.asarray(nib.load(self.inputs.xmask).dataobj) > 0.5
+                xmask, _ = load_mask(self.inputs.xmask)
             ripple_spec = None
             if self.inputs.ripple:
                 atlas_to_subject = np.linalg.inv(load_matrix(self.inputs.transform))
@@ -67,7 +64,7 @@ class Bracket(SimpleInterface):
                 )
             face_mask, brackets, n_protected = bracket.bracket_face(
                 head,
-                head_img.affine,
+                affine,
                 surf.darrays[0].data,
                 surf.darrays[1].data,
                 atlas.labels,
@@ -93,8 +90,7 @@ class Bracket(SimpleInterface):
         record["compartment_voxels"] = {
             str(k): int(np.count_nonzero(face_mask == k)) for k in range(1, 5)
         }
-        self._results["out_file"] = out_path(runtime, "face_mask.nii.gz")
-        nib.save(nib.Nifti1Image(face_mask, head_img.affine), self._results["out_file"])
+        self._results["out_file"] = save_mask(face_mask, affine, runtime, "face_mask.nii.gz")
         self._results["out_distances"] = write_json(
             {b.name: b.to_dict() for b in brackets}, out_path(runtime, "distances.json")
         )

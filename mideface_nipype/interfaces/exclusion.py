@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import nibabel as nib
-import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
 from mideface_nipype import exclusion
 from mideface_nipype.atlas import load_atlas
-from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    SubjectGridInputSpec,
+    load_mask,
+    load_matrix,
+    out_path,
+    save_mask,
+    step,
+    write_json,
+)
 
 
-class _AtlasExclusionInputSpec(BaseInterfaceInputSpec):
-    head_mask = File(exists=True, mandatory=True, desc="subject head mask (defines the grid)")
-    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
-    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
+class _AtlasExclusionInputSpec(SubjectGridInputSpec):
     dilate_vox = traits.Int(exclusion.XMASK_DILATE_VOX, usedefault=True, desc="dilations")
 
 
@@ -39,17 +35,15 @@ class AtlasExclusionMask(SimpleInterface):
     def _run_interface(self, runtime):
         record: dict = {"method": "atlas"}
         with step("exclusion mask (atlas)", record):
-            head_img = nib.load(self.inputs.head_mask)
-            head = np.asarray(head_img.dataobj) > 0
+            head, affine = load_mask(self.inputs.head_mask)
             mask = exclusion.atlas_exclusion_mask(
                 load_atlas(self.inputs.atlas_dir or None),
                 load_matrix(self.inputs.transform),
                 head,
-                head_img.affine,
+                affine,
                 self.inputs.dilate_vox,
             )
         record["xmask_voxels"] = int(mask.sum())
-        self._results["out_file"] = out_path(runtime, "exclusion_mask.nii.gz")
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), head_img.affine), self._results["out_file"])
+        self._results["out_file"] = save_mask(mask, affine, runtime, "exclusion_mask.nii.gz")
         self._results["out_stats"] = write_json(record, out_path(runtime, "exclusion.json"))
         return runtime

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
 from mideface_nipype import io, register
 from mideface_nipype.atlas import LABEL_FILE, SURFACE_FILE, load_atlas, save_surface
 from mideface_nipype.interfaces._base import (
+    AtlasInputSpec,
+    load_mask,
     load_matrix,
     out_path,
     save_matrix,
@@ -26,10 +20,9 @@ from mideface_nipype.interfaces._base import (
 )
 
 
-class _RegisterAtlasInputSpec(BaseInterfaceInputSpec):
+class _RegisterAtlasInputSpec(AtlasInputSpec):
     in_file = File(exists=True, mandatory=True, desc="head MRI (frame 0 is used)")
     head_mask = File(exists=True, mandatory=True, desc="head mask of in_file")
-    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
     registration_mm = traits.Float(register.REGISTRATION_MM, usedefault=True, desc="grid (mm)")
     init_transform = File(exists=True, desc="4x4 RAS subject->atlas matrix to start from (text)")
 
@@ -50,7 +43,7 @@ class RegisterAtlas(SimpleInterface):
         record: dict = {}
         with step("atlas registration", record):
             img = io.load_volume(self.inputs.in_file)
-            head = np.asarray(nib.load(self.inputs.head_mask).dataobj) > 0
+            head, _ = load_mask(self.inputs.head_mask)
             atlas = load_atlas(self.inputs.atlas_dir or None)
             init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
             matrix, dice = register.register_atlas(
@@ -72,9 +65,8 @@ class RegisterAtlas(SimpleInterface):
         return runtime
 
 
-class _ProjectSurfaceInputSpec(BaseInterfaceInputSpec):
+class _ProjectSurfaceInputSpec(AtlasInputSpec):
     transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
-    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
 
 
 class _ProjectSurfaceOutputSpec(TraitedSpec):

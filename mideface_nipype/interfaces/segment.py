@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
 from mideface_nipype import exclusion, io, qa, segment
 from mideface_nipype.atlas import CLASSES, load_atlas
-from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    SubjectGridInputSpec,
+    load_mask,
+    load_matrix,
+    out_path,
+    save_mask,
+    step,
+    write_json,
+)
 
 #: QA pictures are enlarged to at least this height (pixels).
 QA_MIN_HEIGHT_PX = 360
 
 
-class _SegmentInputSpec(BaseInterfaceInputSpec):
+class _SegmentInputSpec(SubjectGridInputSpec):
     in_file = File(exists=True, mandatory=True, desc="head MRI, any contrast (frame 0 is used)")
-    head_mask = File(exists=True, mandatory=True, desc="head mask of in_file")
-    transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix")
-    atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")
     dilate_vox = traits.Int(exclusion.XMASK_DILATE_VOX, usedefault=True, desc="dilations")
 
 
@@ -47,7 +45,7 @@ class Segment(SimpleInterface):
         record: dict = {"method": "segment"}
         with step("segmentation", record):
             img = io.load_volume(self.inputs.in_file)
-            head = np.asarray(nib.load(self.inputs.head_mask).dataobj) > 0
+            head, _ = load_mask(self.inputs.head_mask)
             data = io.first_frame(img)
             seg = segment.segment(
                 data,
@@ -65,16 +63,12 @@ class Segment(SimpleInterface):
             iterations=seg.iterations,
             label_voxels={c: int((seg.labels == segment.SEG_LABELS[c]).sum()) for c in CLASSES},
         )
-        self._results["out_labels"] = out_path(runtime, "labels.nii.gz")
-        nib.save(
-            nib.Nifti1Image(seg.labels.astype(np.uint8), img.affine), self._results["out_labels"]
-        )
+        self._results["out_labels"] = save_mask(seg.labels, img.affine, runtime, "labels.nii.gz")
         post = nib.Nifti1Image(np.round(seg.posteriors * 255).astype(np.uint8), img.affine)
         post.header.set_slope_inter(1 / 255, 0)
         self._results["out_posteriors"] = out_path(runtime, "posteriors.nii.gz")
         nib.save(post, self._results["out_posteriors"])
-        self._results["out_file"] = out_path(runtime, "exclusion_mask.nii.gz")
-        nib.save(nib.Nifti1Image(xmask.astype(np.uint8), img.affine), self._results["out_file"])
+        self._results["out_file"] = save_mask(xmask, img.affine, runtime, "exclusion_mask.nii.gz")
         picture = qa.label_slices(data, seg.labels, img.affine)
         zoom = max(1, int(np.ceil(QA_MIN_HEIGHT_PX / picture.shape[0])))
         picture = np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)

@@ -1,0 +1,277 @@
+"""``mideface-bids``: deface every session of a BIDS dataset (a BIDS App), locally or on SLURM."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from mideface_nipype import __version__
+
+LOGGER = logging.getLogger("mideface")
+
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph")
+#: Seconds between two looks at the SLURM queue while SLURMGraph jobs run.
+SLURM_POLL_S = 2.0
+#: Seconds between two looks at local workers (Nipype's default, 2 s, suits a batch queue).
+LOCAL_POLL_S = 0.2
+
+EPILOG = """\
+outputs (OUTPUT_DIR is a BIDS derivative dataset)
+  dataset_description.json
+  sub-01/anat/sub-01_T1w.nii.gz (+ .json)       the defaced image, same relative path, sidecar
+                                                 inherited from the raw dataset plus Sources
+  sub-01/anat/sub-01_desc-face_mask.nii.gz      face mask (0-4) of the T1w
+  sub-01/anat/sub-01_desc-faceT2w_mask.nii.gz   the same mask carried onto the T2w's grid
+  sub-01/anat/sub-01_desc-exclusion_mask.nii.gz voxels never modified (brain, eyes, skull)
+  with --in-place: the defaced images replace the raw ones in BIDS_DIR and the raw images are
+  kept in OUTPUT_DIR/sourcedata/ (a rerun reads them there, never defacing twice)
+
+examples
+  mideface-bids /data/ds /data/ds/derivatives/mideface participant --nprocs 2
+  mideface-bids /data/ds /out participant --participant-label 01 02 --plugin SLURM \\
+      --plugin-args '{"sbatch_args": "--partition=short --mem=4G"}' --work-dir /scratch/work
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mideface_nipype import fill
+
+    p = argparse.ArgumentParser(
+        prog="mideface-bids",
+        description="Deface each subject/session of a BIDS dataset: the T1w with MiDeFace, and "
+        "every other anatomical image of the session (T2w, FLAIR, PD, ...) with the T1w's face "
+        "mask after a rigid registration. Nipype caches every step in the work folder, so a "
+        "rerun after a crash or a killed job resumes where it stopped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="the derivative dataset to write")
+    p.add_argument("analysis_level", choices=["participant"], help="only 'participant'")
+    p.add_argument(
+        "--participant-label", nargs="+", metavar="LABEL", help="subjects to deface (default: all)"
+    )
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write the defaced images over the raw ones; the raw ones are kept in "
+        "OUTPUT_DIR/sourcedata",
+    )
+    run = p.add_argument_group("execution")
+    run.add_argument("--plugin", choices=PLUGINS, default="MultiProc", help="Nipype plugin")
+    run.add_argument(
+        "--plugin-args", default="{}", metavar="JSON", help="Nipype plugin_args as JSON"
+    )
+    run.add_argument(
+        "--nprocs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes for MultiProc (default: all cores)",
+    )
+    run.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        default=Path("work"),
+        help="Nipype's working folder, kept for resuming (default ./work; on a cluster it must "
+        "be on a shared file system)",
+    )
+    how = p.add_argument_group("defacing")
+    how.add_argument(
+        "--seed",
+        type=int,
+        default=fill.DEFAULT_SEED,
+        help=f"noise-fill seed (default {fill.DEFAULT_SEED}); same data and seed, same bytes",
+    )
+    xmask = how.add_mutually_exclusive_group()
+    xmask.add_argument(
+        "--samseg",
+        dest="xmask_source",
+        action="store_const",
+        const="segment",
+        help="exclusion mask from the SAMSEG-style segmentation (brain, skull, eyes); without "
+        "either option, the package default (as `mideface`)",
+    )
+    xmask.add_argument(
+        "--no-samseg",
+        dest="xmask_source",
+        action="store_const",
+        const="atlas",
+        help="exclusion mask from the atlas brain and eyes only (faster)",
+    )
+    how.add_argument("--no-ears", dest="ears", action="store_false", help="leave the ears")
+    how.add_argument("--forehead", action="store_true", help="deface the forehead too")
+    how.add_argument(
+        "--regheader",
+        action="store_true",
+        help="the images of a session share the T1w's scanner space: no registration",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="Nipype's own messages too")
+    p.add_argument("--version", action="version", version=f"mideface-nipype {__version__}")
+    return p
+
+
+def _setup_logging(work_dir: Path, verbose: bool) -> None:
+    from nipype import config
+    from nipype import logging as nlogging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s mideface-bids: %(message)s", "%H:%M:%S"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(logging.INFO)
+    config.set("execution", "crashfile_format", "txt")
+    config.set("execution", "crashdump_dir", str(work_dir / "crash"))
+    # one subject's failure must not stop the others
+    config.set("execution", "stop_on_first_crash", "false")
+    config.set("execution", "remove_unnecessary_outputs", "false")
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def plugin_settings(plugin: str, plugin_args_json: str, nprocs: int) -> tuple[dict, str | None]:
+    """(plugin_args, the SLURM comment that tags this run's SLURMGraph jobs, else None)."""
+    from mideface_nipype.io import InputError
+
+    try:
+        plugin_args = json.loads(plugin_args_json)
+    except ValueError as err:
+        raise InputError(f"--plugin-args: not valid JSON ({err})") from err
+    if not isinstance(plugin_args, dict):
+        raise InputError("--plugin-args: must be a JSON object")
+    tag = None
+    if plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", nprocs)
+    if plugin in ("Linear", "MultiProc"):
+        from nipype import config
+
+        config.set("execution", "poll_sleep_duration", str(LOCAL_POLL_S))
+    if plugin in ("SLURM", "SLURMGraph"):
+        if shutil.which("sbatch") is None:
+            raise InputError(f"--plugin {plugin}: sbatch not found (is SLURM installed?)")
+        # nipype's SLURM plugin names jobs after $LOGNAME (KeyError when it is unset)
+        os.environ.setdefault("LOGNAME", getpass.getuser())
+    if plugin == "SLURMGraph":
+        tag = f"mideface-{uuid.uuid4().hex[:12]}"
+        plugin_args["sbatch_args"] = (
+            f"{plugin_args.get('sbatch_args', '')} --comment={tag} --kill-on-invalid-dep=yes"
+        ).strip()
+        plugin_args.setdefault("dont_resubmit_completed_jobs", True)
+    return plugin_args, tag
+
+
+def wait_for_slurm_jobs(tag: str, poll_s: float = SLURM_POLL_S) -> None:
+    """SLURMGraph's run() returns once the jobs are submitted: wait until none of ours is left."""
+    while True:
+        queue = subprocess.run(
+            ["squeue", "-h", "-o", "%k"], capture_output=True, text=True, check=True
+        ).stdout
+        if tag not in queue.split():
+            return
+        time.sleep(poll_s)
+
+
+def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
+    """{node hierarchy: one-line reason} from Nipype's text crash files written since ``since``."""
+    from mideface_nipype.cli import _error_line
+
+    reasons = {}
+    for crash in crash_dir.glob("crash-*.txt"):
+        if crash.stat().st_mtime < since:
+            continue
+        text = crash.read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith("Node:")]
+        node = lines[0].split(":", 1)[1].strip() if lines else ""
+        reasons[node] = _error_line(RuntimeError(text))
+    return reasons
+
+
+def run(args) -> int:
+    from mideface_nipype import bids, io
+    from mideface_nipype.bids_workflows import init_bids_wf
+
+    bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
+    work_dir = args.work_dir.resolve()
+    if output_dir == bids_dir:
+        raise io.InputError(f"{args.output_dir}: the output folder would overwrite the dataset")
+    plugin_args, tag = plugin_settings(args.plugin, args.plugin_args, args.nprocs)
+    _setup_logging(work_dir, args.verbose)
+    sessions = bids.discover(bids_dir, args.participant_label)
+    for session in sessions:  # fail early, with the file named, before any work
+        for rel in (session.reference, *session.others):
+            io.load_volume(bids_dir / rel)
+    LOGGER.info(
+        "mideface-nipype %s: %d session(s) of %s -> %s (%s)",
+        __version__,
+        len(sessions),
+        bids_dir,
+        output_dir,
+        args.plugin,
+    )
+    bids.write_dataset_description(bids_dir, output_dir)
+    if args.in_place:
+        sessions = [bids.keep_originals(s, bids_dir, output_dir) for s in sessions]
+    options = {"xmask_source": args.xmask_source} if args.xmask_source else {}
+    workflow = init_bids_wf(
+        sessions,
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        in_place=args.in_place,
+        seed=args.seed,
+        ears=args.ears,
+        forehead=args.forehead,
+        regheader=args.regheader,
+        **options,
+    )
+    workflow.base_dir = str(work_dir)
+    start, started_at = time.perf_counter(), time.time()
+    try:
+        workflow.run(plugin=args.plugin, plugin_args=plugin_args)
+    except RuntimeError as err:  # Nipype: "Workflow did not execute cleanly"
+        LOGGER.debug("workflow failed: %s", err)
+    if tag:
+        wait_for_slurm_jobs(tag)
+    reasons = _crash_reasons(work_dir / "crash", started_at)
+    failed = []
+    for session in sessions:
+        missing = [
+            p
+            for p in bids.expected_outputs(session, bids_dir, output_dir, in_place=args.in_place)
+            if not p.exists() or p.stat().st_mtime < started_at  # not (re)written by this run
+        ]
+        if missing:
+            why = next((r for n, r in reasons.items() if f".{session.name}." in f".{n}."), None)
+            failed.append(f"{session.label}: {why or f'{missing[0]} not written'}")
+    elapsed = time.perf_counter() - start
+    LOGGER.info(
+        "%d of %d session(s) done in %.1f s", len(sessions) - len(failed), len(sessions), elapsed
+    )
+    for line in failed:
+        print(f"mideface-bids: error: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("mideface-bids: interrupted; rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line for any failure
+        from mideface_nipype.cli import _error_line
+
+        print(f"mideface-bids: error: {_error_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Nipype graphs for a BIDS dataset: one ``init_mideface_wf`` per session, then its derivatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from mideface_nipype.bids import Session
+from mideface_nipype.fill import DEFAULT_SEED
+from mideface_nipype.interfaces.bids import WriteDerivatives
+from mideface_nipype.workflows import init_mideface_wf
+
+
+def init_session_wf(
+    session: Session,
+    *,
+    bids_dir: str | Path,
+    output_dir: str | Path,
+    in_place: bool = False,
+    seed: int = DEFAULT_SEED,
+    **mideface_options,
+) -> pe.Workflow:
+    """Deface one session's T1w, carry its face mask to the other images, write derivatives.
+
+    ::
+
+        mideface_wf(in_file=T1w, other_files=T2w, FLAIR, ...)
+          -> derivatives (defaced images, face masks, exclusion mask, sidecars)
+
+    ``mideface_options`` go to ``init_mideface_wf`` (``xmask_source``, ``ears``, ...).
+    """
+    workflow = pe.Workflow(name=session.name)
+    deface = init_mideface_wf(
+        name="mideface_wf", seed=seed, other_contrasts=bool(session.others), **mideface_options
+    )
+    deface.inputs.inputnode.in_file = str(session.source(session.reference))
+    if session.others:
+        deface.inputs.inputnode.other_files = [str(session.source(r)) for r in session.others]
+    derivatives = pe.Node(
+        WriteDerivatives(
+            bids_dir=str(Path(bids_dir).resolve()),
+            output_dir=str(Path(output_dir).resolve()),
+            reference=session.reference,
+            others=list(session.others),
+            in_place=in_place,
+            seed=seed,
+        ),
+        name="derivatives",
+        run_without_submitting=True,
+        overwrite=True,  # cheap, and a rerun restores outputs deleted since
+        mem_gb=0.1,
+        n_procs=1,
+    )
+    fields = [
+        ("outputnode.out_file", "defaced"),
+        ("outputnode.face_mask", "face_mask"),
+        ("outputnode.exclusion_mask", "exclusion_mask"),
+    ]
+    if session.others:
+        fields += [
+            ("outputnode.other_out_files", "other_defaced"),
+            ("outputnode.other_face_masks", "other_face_masks"),
+        ]
+    workflow.connect([(deface, derivatives, fields)])
+    return workflow
+
+
+def init_bids_wf(
+    sessions: list[Session],
+    *,
+    bids_dir: str | Path,
+    output_dir: str | Path,
+    name: str = "mideface_bids",
+    in_place: bool = False,
+    seed: int = DEFAULT_SEED,
+    **mideface_options,
+) -> pe.Workflow:
+    """Every session side by side in one graph, so a plugin can run them in parallel."""
+    workflow = pe.Workflow(name=name)
+    workflow.add_nodes(
+        [
+            init_session_wf(
+                session,
+                bids_dir=bids_dir,
+                output_dir=output_dir,
+                in_place=in_place,
+                seed=seed,
+                **mideface_options,
+            )
+            for session in sessions
+        ]
+    )
+    return workflow

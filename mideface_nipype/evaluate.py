@@ -1,0 +1,335 @@
+"""How well a defacer works, measured on real heads: privacy, brain preservation, cost.
+
+Privacy is attacked as in Schwarz et al. (2019, 2021): the skin surface of each head is rendered
+as a 3-D face (``render``) and a face recogniser (dlib's 128-d ResNet descriptor, with the HOG
+detector and 68-point landmarks that ``face_recognition_models`` ships) ranks every probe against
+a gallery of intact frontal renders of all subjects. A control in the same run (intact heads seen
+from +-30 deg yaw) shows that the attack works. A detector-free check compares frontal depth maps
+of the face region. Refacing attacks smooth the defaced image before rendering.
+
+Brain preservation is judged with a brain mask that does not come from the defacer (another
+template, a deformable registration, another brain mask) and with tissue volumes from ANTs Atropos
+run on the original and on the defaced image. Cost is wall time and peak memory of each defacer
+as a whole process. Needs the ``eval`` extra (``dlib-bin``, ``face_recognition_models``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from mideface_nipype import headmask, io, register, render
+from mideface_nipype.atlas import load_atlas
+
+#: Yaw (deg) of the gallery view (intact heads) and of the probe views.
+GALLERY_YAW_DEG = 0.0
+PROBE_YAWS_DEG = (0.0, 30.0, -30.0)
+#: Intact probes of the control: turned views, never the gallery image itself.
+CONTROL_YAWS_DEG = (30.0, -30.0)
+#: Atlas surface labels that make up the face region of the depth-map comparison.
+FACE_LABELS = ("lower-face", "upper-face", "nose", "eyes")
+#: Refacing attacks on the defaced image before rendering: median filter and Gaussian smoothing.
+MEDIAN_MM = 3.0
+SMOOTH_FWHM_MM = 4.0
+#: HOG detector: upsampling of the render and the score above which a face counts as detected.
+HOG_UPSAMPLE = 1
+HOG_MIN_SCORE = 0.0
+#: Grid of the independent brain mask's SyN registration (3 mm: a few seconds).
+BRAIN_REG_MM = 3.0
+#: Grid of the tissue segmentation (Atropos: 3 classes by k-means, MRF smoothing).
+TISSUE_MM = 2.0
+TISSUES = ("csf", "gm", "wm")
+#: N4 before the segmentation: shrink factor and iterations per level (10 s, not 100 s, at 2 mm).
+N4_SHRINK = 4
+N4_ITERS = (50, 50, 50)
+#: Whole-head template and brain mask of the independent brain mask (in the atlas sources).
+SSW_FILE = "niivue-deface_MNI152_2009_SSW.nii.gz"
+ICBM_BRAIN_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+# ---------------------------------------------------------------- alignment and renders
+
+
+def align_to_atlas(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Rigid subject -> atlas (MNI) RAS matrix, so that every face is seen from the same side.
+
+    The engine's affine registration (robust pose search), reduced to its rotation (polar
+    decomposition) and the translation that maps the head centre where the affine maps it: the
+    attack must see each face with its own proportions (an affine scales every head towards the
+    average). The original head's matrix serves its defaced versions too, which gives the
+    attacker the best possible alignment.
+    """
+    atlas = load_atlas()
+    data = io.first_frame(img)
+    head = np.asarray(headmask.head_mask(img).dataobj) > 0
+    affine, _ = register.register_atlas(
+        data,
+        img.affine,
+        head,
+        np.asarray(atlas.head.dataobj, dtype=np.float32),
+        atlas.head.affine,
+        np.asarray(atlas.headmask.dataobj) > 0,
+    )
+    return rigid_part(affine, register.apply_affine(img.affine, np.argwhere(head)).mean(0))
+
+
+def rigid_part(matrix: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """The rotation of a 4x4 affine (nearest orthogonal matrix) about ``centre_mm``."""
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
+    rot = u @ vt
+    if np.linalg.det(rot) < 0:  # a reflection is no pose
+        rot = u @ np.diag([1.0, 1.0, -1.0]) @ vt
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = register.apply_affine(matrix, centre_mm[None])[0] - rot @ centre_mm
+    return out
+
+
+def view_frame(yaw_deg: float) -> tuple[np.ndarray, render.Frame]:
+    """Camera and frame of a view: the atlas box seen from ``yaw_deg`` (the same for all heads)."""
+    atlas = load_atlas()
+    shape = atlas.head.shape
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    cam = render.camera(yaw_deg)
+    return cam, render.Frame.around(register.apply_affine(atlas.head.affine, corners.T), cam)
+
+
+def render_views(
+    data: np.ndarray, affine: np.ndarray, to_atlas: np.ndarray, yaws_deg=PROBE_YAWS_DEG
+) -> dict[float, render.Render]:
+    """Skin renders of a head, aligned to the atlas, one per yaw."""
+    mesh = render.skin_mesh(data, affine)
+    vertices = register.apply_affine(to_atlas, mesh.vertices)
+    out = {}
+    for yaw in yaws_deg:
+        cam, frame = view_frame(yaw)
+        out[yaw] = render.rasterise(vertices, mesh.faces, cam, frame)[0]
+    return out
+
+
+@lru_cache(maxsize=8)
+def face_region(yaw_deg: float) -> np.ndarray:
+    """Pixels of a view covered by the atlas face (lower, upper face, nose, eyes)."""
+    atlas = load_atlas()
+    in_face = np.zeros(len(atlas.surface.vertices))
+    for name in FACE_LABELS:
+        in_face[atlas.labels[name]] = 1.0
+    cam, frame = view_frame(yaw_deg)
+    _, values = render.rasterise(
+        atlas.surface.vertices, atlas.surface.faces, cam, frame, vertex_values=in_face
+    )
+    return np.nan_to_num(values[..., 0]) > 0.5
+
+
+# ---------------------------------------------------------------- face recognition
+
+
+@dataclass(frozen=True)
+class Face:
+    """A face descriptor (128-d) and whether the detector found the face (and with what score)."""
+
+    descriptor: np.ndarray
+    detected: bool
+    score: float
+
+
+@lru_cache(maxsize=1)
+def _dlib_models():
+    """dlib's HOG detector, 68-landmark predictor and ResNet descriptor (no download)."""
+    import dlib
+
+    models = files("face_recognition_models") / "models"
+    return (
+        dlib.get_frontal_face_detector(),
+        dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat")),
+        dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat")),
+    )
+
+
+def _box(mask: np.ndarray):
+    """dlib rectangle: the square around a mask's bounding box."""
+    import dlib
+
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+    half = max(r1 - r0, c1 - c0) // 2
+    rc, cc = (r0 + r1) // 2, (c0 + c1) // 2
+    return dlib.rectangle(int(cc - half), int(rc - half), int(cc + half), int(rc + half))
+
+
+def describe_face(picture: np.ndarray, fallback: np.ndarray) -> Face:
+    """Descriptor of the best-scoring face in an RGB picture.
+
+    When the detector finds nothing, the attacker still knows where the face is in an aligned
+    render: the descriptor is taken in the box around ``fallback`` (the atlas face region), so a
+    defaced head cannot escape by merely fooling the detector.
+    """
+    detector, predictor, model = _dlib_models()
+    picture = np.ascontiguousarray(picture, dtype=np.uint8)
+    boxes, scores, _ = detector.run(picture, HOG_UPSAMPLE, HOG_MIN_SCORE)
+    if boxes:
+        best = int(np.argmax(scores))
+        box, detected, score = boxes[best], True, float(scores[best])
+    else:
+        box, detected, score = _box(fallback), False, float("nan")
+    shape = predictor(picture, box)
+    descriptor = np.asarray(model.compute_face_descriptor(picture, shape), dtype=np.float64)
+    return Face(descriptor, detected, score)
+
+
+def rank_of_truth(distances: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """1-based rank of each probe's true identity among the gallery, by increasing distance.
+
+    ``distances`` is (probes, gallery); ``truth[i]`` is the gallery column of probe i. Ties count
+    against the attacker (an equally near impostor ranks ahead).
+    """
+    distances = np.asarray(distances, dtype=float)
+    true_d = distances[np.arange(len(truth)), truth]
+    return (distances < true_d[:, None]).sum(1) + (distances == true_d[:, None]).sum(1)
+
+
+def descriptor_distances(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Euclidean distances (probes, gallery) between descriptors (dlib's own measure)."""
+    return np.linalg.norm(probes[:, None, :] - gallery[None, :, :], axis=2)
+
+
+def depth_correlation(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    """Pearson correlation of two aligned depth maps over ``region`` where both see a surface."""
+    both = region & np.isfinite(a) & np.isfinite(b)
+    if both.sum() < 3:
+        return float("nan")
+    return float(np.corrcoef(a[both], b[both])[0, 1])
+
+
+# ---------------------------------------------------------------- refacing attacks
+
+
+def refacing_attacks(data: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
+    """The defaced image after a median filter and after Gaussian smoothing (world-mm sizes).
+
+    The noise fill must not hide a recoverable face: smoothing removes noise and leaves any
+    surface that the fill kept.
+    """
+    zooms = register.voxel_sizes(affine)
+    size = np.maximum(3, 2 * np.round(MEDIAN_MM / zooms / 2).astype(int) + 1)
+    sigma_vox = SMOOTH_FWHM_MM / 2.355 / zooms
+    data = np.asarray(data, dtype=np.float32)
+    return {
+        "median": ndi.median_filter(data, size=tuple(size)),
+        "smooth": ndi.gaussian_filter(data, sigma_vox),
+    }
+
+
+# ---------------------------------------------------------------- brain preservation
+
+
+def independent_brain_mask(
+    img: nib.spatialimages.SpatialImage, sources_dir: str | Path
+) -> np.ndarray:
+    """Boolean brain mask on ``img``'s grid that does not come from the defacer.
+
+    The engine registers the pydeface average head with an affine and protects atlas priors; this
+    mask comes from another template (MNI152 2009 SSW, whole head), N4 bias correction, a
+    deformable ANTs SyN registration and the ICBM 2009a brain mask, so a shared mistake is
+    unlikely. ``sources_dir`` holds ``SSW_FILE`` and ``ICBM_BRAIN_FILE``.
+    """
+    ants = register._import_ants()
+    sources_dir = Path(sources_dir)
+    data = io.first_frame(img)
+    fixed, fixed_aff = register.smooth_downsample(data, img.affine, BRAIN_REG_MM)
+    ssw = nib.load(sources_dir / SSW_FILE)
+    moving, moving_aff = register.smooth_downsample(
+        np.asarray(ssw.dataobj, np.float32), ssw.affine, BRAIN_REG_MM
+    )
+    brain_src = nib.load(sources_dir / ICBM_BRAIN_FILE)
+    brain = ndi.binary_fill_holes(np.asarray(brain_src.dataobj) > 0).astype(np.float32)
+    # N4 first: a strong bias field (dcmqa) otherwise lets SyN stretch the brain to the scalp
+    fixed_img = ants.n4_bias_field_correction(register.to_ants(fixed, fixed_aff), shrink_factor=2)
+    reg = ants.registration(
+        fixed_img, register.to_ants(moving, moving_aff), type_of_transform="SyN"
+    )
+    # the brain mask lives on its own grid: put it on the SSW 3 mm grid first
+    brain3 = register.resample(brain, brain_src.affine, moving.shape, moving_aff)
+    warped = ants.apply_transforms(
+        fixed_img,
+        register.to_ants(brain3, moving_aff),
+        reg["fwdtransforms"],
+        interpolator="linear",
+    ).numpy()
+    return register.resample(warped, fixed_aff, data.shape, img.affine) > 0.5
+
+
+def voxels_changed(original: np.ndarray, defaced: np.ndarray, mask: np.ndarray) -> int:
+    """Voxels inside ``mask`` whose value differs (in real units) between the two images."""
+    return int(np.count_nonzero((np.asarray(original) != np.asarray(defaced)) & mask))
+
+
+def tissue_volumes_ml(
+    img: nib.spatialimages.SpatialImage, brain_mask: np.ndarray
+) -> dict[str, float]:
+    """CSF, GM and WM volumes (mL) by ANTs Atropos (k-means start, MRF) inside a brain mask.
+
+    Run at ``TISSUE_MM`` after N4 bias correction of the whole head (as a pipeline would before
+    skull stripping), so a change to the face can still reach the tissue classes via the bias
+    field; the same brain mask (the original's) is used before and after defacing.
+    """
+    ants = register._import_ants()
+    data, aff = register.smooth_downsample(io.first_frame(img), img.affine, TISSUE_MM)
+    mask = (
+        register.resample(brain_mask.astype(np.float32), img.affine, data.shape, aff) > 0.5
+    ).astype(np.float32)
+    image = register.to_ants(data, aff)
+    mask_img = register.to_ants(mask, aff)
+    image = ants.n4_bias_field_correction(
+        image, shrink_factor=N4_SHRINK, convergence={"iters": list(N4_ITERS), "tol": 1e-7}
+    )
+    seg = ants.atropos(
+        a=image, x=mask_img, i=f"kmeans[{len(TISSUES)}]", m="[0.1,1x1x1]", c="[5,0]"
+    )["segmentation"].numpy()
+    voxel_ml = TISSUE_MM**3 / 1000.0
+    return {
+        name: float(np.count_nonzero(seg == k + 1) * voxel_ml) for k, name in enumerate(TISSUES)
+    }
+
+
+def percent_change(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-key change from ``before`` to ``after`` in percent of ``before``."""
+    return {k: 100.0 * (after[k] - before[k]) / before[k] for k in before}
+
+
+# ---------------------------------------------------------------- cost
+
+
+#: A tiny launcher that spawns the measured command and reports its wall time and peak memory.
+#: The launcher, not the (large) harness, forks the command: a child forked from a big process
+#: counts the parent's resident pages in its peak until it execs.
+_LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+devnull = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=devnull)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (GB) of one whole process; raises if it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... could not be run: {proc.stderr.strip()}")
+    wall, peak_kb, code = proc.stdout.split()
+    if int(code) != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({code}): {last[0]}")
+    return float(wall), int(peak_kb) / 1024**2

@@ -1,0 +1,57 @@
+"""WriteDerivatives: publish one session's defaced images and masks into a BIDS layout."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from mideface_nipype import bids, fill
+
+
+class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
+    bids_dir = Directory(exists=True, mandatory=True, desc="the raw BIDS dataset")
+    output_dir = traits.Str(mandatory=True, desc="the derivative dataset")
+    reference = traits.Str(mandatory=True, desc="the T1w, relative to bids_dir")
+    others = traits.List(traits.Str, desc="the other images, relative to bids_dir")
+    defaced = File(exists=True, mandatory=True, desc="the defaced T1w")
+    face_mask = File(exists=True, mandatory=True, desc="face mask (0-4) of the T1w")
+    exclusion_mask = File(exists=True, mandatory=True, desc="exclusion mask of the T1w")
+    other_defaced = InputMultiObject(File(exists=True), desc="defaced other images, in order")
+    other_face_masks = InputMultiObject(File(exists=True), desc="their face masks, in order")
+    in_place = traits.Bool(False, usedefault=True, desc="overwrite the raw images")
+    seed = traits.Int(fill.DEFAULT_SEED, usedefault=True, desc="seed, recorded in sidecars")
+
+
+class _WriteDerivativesOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(File(exists=True), desc="every file written")
+
+
+class WriteDerivatives(SimpleInterface):
+    """Copy a session's results to their BIDS names, atomically, with JSON sidecars."""
+
+    input_spec = _WriteDerivativesInputSpec
+    output_spec = _WriteDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_files"] = bids.write_session_outputs(
+            bids_dir=self.inputs.bids_dir,
+            output_dir=self.inputs.output_dir,
+            reference=self.inputs.reference,
+            others=list(self.inputs.others),
+            defaced=self.inputs.defaced,
+            face_mask=self.inputs.face_mask,
+            exclusion_mask=self.inputs.exclusion_mask,
+            other_defaced=list(self.inputs.other_defaced or []),
+            other_face_masks=list(self.inputs.other_face_masks or []),
+            in_place=self.inputs.in_place,
+            seed=self.inputs.seed,
+        )
+        return runtime

@@ -1,0 +1,242 @@
+"""The evaluation's metric code on small known cases, and one small end-to-end run on real heads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import trimesh
+from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR
+
+from mideface_nipype import eval_cli, evaluate, evaluate_peers, io, register, render
+from mideface_nipype.atlas import load_atlas
+
+#: Three real heads for the end-to-end run (2 mm: cheap).
+E2E_HEADS = FACE_HEADS[:3]
+
+
+def test_rank_of_truth_counts_nearer_impostors_and_ties():
+    distances = np.array(
+        [
+            [0.1, 0.5, 0.9],  # true 0, nearest: rank 1
+            [0.2, 0.6, 0.4],  # true 1, two impostors nearer: rank 3
+            [0.3, 0.3, 0.3],  # true 2, all tied: ties count against the attacker
+        ]
+    )
+    ranks = evaluate.rank_of_truth(distances, np.array([0, 1, 2]))
+    assert ranks.tolist() == [1, 3, 3]
+
+
+def test_descriptor_distances_are_euclidean():
+    probes = np.array([[0.0, 0.0], [3.0, 4.0]])
+    gallery = np.array([[0.0, 0.0], [0.0, 4.0], [3.0, 0.0]])
+    assert np.allclose(evaluate.descriptor_distances(probes, gallery), [[0, 4, 3], [5, 3, 4]])
+
+
+def test_depth_correlation_over_region_ignores_missing_pixels():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 20))
+    region = np.zeros((20, 20), bool)
+    region[5:15, 5:15] = True
+    b = 2 * a + 7
+    b[0, 0] = np.nan  # outside the region
+    b[6, 6] = np.nan  # inside: left out, not propagated
+    assert evaluate.depth_correlation(a, b, region) == pytest.approx(1.0)
+    assert evaluate.depth_correlation(a, -a, region) == pytest.approx(-1.0)
+    assert np.isnan(evaluate.depth_correlation(a, a, np.zeros_like(region)))
+
+
+def test_render_of_a_known_sphere_gives_its_depth():
+    """An icosphere of radius 60 mm seen from the front: depth sqrt(R^2 - r^2) at each pixel."""
+    radius = 60.0
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=radius)
+    cam = render.camera(0.0)
+    frame = render.Frame.around(sphere.vertices, cam, pixel_mm=1.0)
+    rend, _ = render.rasterise(sphere.vertices, sphere.faces, cam, frame)
+    rows, cols = np.nonzero(rend.hit)
+    x_mm = frame.col0_mm + (cols + 0.5) * frame.pixel_mm
+    y_mm = frame.row0_mm - (rows + 0.5) * frame.pixel_mm
+    r2 = x_mm**2 + y_mm**2
+    inner = r2 < (0.9 * radius) ** 2
+    expected = np.sqrt(radius**2 - r2[inner])
+    assert np.abs(rend.depth[rows, cols][inner] - expected).max() < 0.3
+    # covered area is the disc's: pi R^2 within 1 %
+    assert rend.hit.sum() == pytest.approx(np.pi * radius**2, rel=0.01)
+
+
+def test_render_views_of_a_ball_volume_through_a_rigid_matrix():
+    """A soft ball (2 mm, flipped x axis) moved 10 mm forward by ``to_atlas``, seen at 0 and 30 deg.
+
+    Intensity falls from 100 at 45 mm to 0 at 55 mm, so the skin sits at a known radius; the
+    nearest surface point lies at depth (centre . towards) + radius in every view.
+    """
+    shape = (80, 80, 80)
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [79.0, -79.0, -79.0]
+    radius_mm = np.linalg.norm(
+        register.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
+    ).reshape(shape)
+    data = (100 * np.clip((55 - radius_mm) / 10, 0, 1)).astype(np.float32)
+    skin_radius = 55 - 10 * render.skin_level(data) / 100
+    to_atlas = np.eye(4)
+    to_atlas[1, 3] = 10.0  # 10 mm towards the front (+A)
+    views = evaluate.render_views(data, affine, to_atlas, yaws_deg=(0.0, 30.0))
+    for yaw, rend in views.items():
+        towards = render.camera(yaw)[2]
+        expected = towards @ [0.0, 10.0, 0.0] + skin_radius
+        assert np.nanmax(rend.depth) == pytest.approx(expected, abs=1.5)
+
+
+def test_rigid_part_keeps_rotation_and_centre():
+    rot = trimesh.transformations.rotation_matrix(0.3, [0, 0, 1])[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([1.1, 0.9, 1.05])
+    affine[:3, 3] = [5.0, -3.0, 2.0]
+    centre = np.array([10.0, 20.0, -5.0])
+    rigid = evaluate.rigid_part(affine, centre)
+    assert np.allclose(rigid[:3, :3], rot, atol=0.06)
+    assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3))
+    assert np.allclose(
+        register.apply_affine(rigid, centre[None]), register.apply_affine(affine, centre[None])
+    )
+
+
+def test_face_region_is_the_atlas_face_in_the_frontal_view():
+    region = evaluate.face_region(0.0)
+    cam, frame = evaluate.view_frame(0.0)
+    assert region.shape == (frame.height, frame.width)
+    rows, cols = np.nonzero(region)
+    # the face is centred left-right; face area of an adult, roughly 100-300 cm^2
+    assert abs(cols.mean() - frame.width / 2) < 0.05 * frame.width
+    area_cm2 = region.sum() * frame.pixel_mm**2 / 100
+    assert 100 < area_cm2 < 300
+
+
+def test_refacing_attacks_remove_noise_and_keep_level():
+    rng = np.random.default_rng(1)
+    data = np.full((20, 20, 20), 50.0, np.float32)
+    salt = rng.random(data.shape) < 0.02
+    noisy = np.where(salt, 500.0, data).astype(np.float32)
+    attacked = evaluate.refacing_attacks(noisy, np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert np.count_nonzero(attacked["median"][2:-2, 2:-2, 2:-2] != 50.0) == 0
+    assert attacked["smooth"][5:-5, 5:-5, 5:-5].std() < noisy[5:-5, 5:-5, 5:-5].std() / 3
+
+
+def test_voxel_and_volume_changes():
+    a = np.zeros((4, 4, 4))
+    b = a.copy()
+    b[0, 0, 0] = 1
+    b[3, 3, 3] = 1
+    mask = np.zeros_like(a, bool)
+    mask[:2] = True
+    assert evaluate.voxels_changed(a, b, mask) == 1
+    change = evaluate.percent_change({"gm": 500.0, "wm": 400.0}, {"gm": 505.0, "wm": 400.0})
+    assert change == pytest.approx({"gm": 1.0, "wm": 0.0})
+
+
+def test_run_measured_reports_peak_memory_and_failures():
+    wall, peak_gb = evaluate.run_measured(
+        [sys.executable, "-c", "x = bytearray(300_000_000); x[::4096] = b'1' * len(x[::4096])"]
+    )
+    assert wall > 0 and 0.28 < peak_gb < 2.0
+    # the harness's own memory does not leak into the measure (it forks a small launcher)
+    ballast = np.ones(400_000_000 // 8)
+    _, small_gb = evaluate.run_measured([sys.executable, "-c", "pass"])
+    assert small_gb < 0.1 and ballast.sum() > 0
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate.run_measured([sys.executable, "-c", "raise SystemExit('boom')"])
+
+
+def test_describe_face_on_a_real_render_and_fallback():
+    """An intact head's frontal render holds a detected face; an empty picture uses the box."""
+    img = nib.load(HEADS_DIR / FACE_HEADS[0])
+    to_atlas = evaluate.align_to_atlas(img)
+    views = evaluate.render_views(io.first_frame(img), img.affine, to_atlas, yaws_deg=(0.0,))
+    face = evaluate.describe_face(views[0.0].rgb(), evaluate.face_region(0.0))
+    assert face.detected and face.descriptor.shape == (128,)
+    blank = np.zeros_like(views[0.0].rgb())
+    empty = evaluate.describe_face(blank, evaluate.face_region(0.0))
+    assert not empty.detected and empty.descriptor.shape == (128,)
+    # dlib's own threshold: the same face is within 0.6, an empty picture is not
+    assert np.linalg.norm(face.descriptor - empty.descriptor) > 0.6
+
+
+def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
+    src = HEADS_DIR / FACE_HEADS[1]
+    out = tmp_path / "pydeface.nii.gz"
+    assert evaluate_peers.main(["pydeface-ants", str(src), str(out)]) == 0
+    img = nib.load(src)
+    before, after = io.first_frame(img), io.first_frame(nib.load(out))
+    # the face region of the atlas, mapped into the subject, lost most of its tissue
+    erased = (before > 0) & (after == 0)
+    assert erased.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 > 50  # mL
+    # the brain (the atlas brain priors, dilated) is untouched
+    atlas = load_atlas()
+    brain = atlas.priors["gm"].get_fdata() + atlas.priors["wm"].get_fdata() > 0.5
+    matrix = evaluate.align_to_atlas(img)
+    brain_subj = (
+        register.resample(
+            brain.astype(np.float32),
+            atlas.head.affine,
+            img.shape,
+            img.affine,
+            target_to_source=matrix,
+        )
+        > 0.5
+    )
+    assert evaluate.voxels_changed(before, after, brain_subj) == 0
+
+
+def test_bad_input_is_one_line_and_no_output(tmp_path, capsys):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not a volume")
+    assert eval_cli.main([str(bad), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """``mideface-eval`` on three real heads with our defacer only."""
+    out = tmp_path_factory.mktemp("eval")
+    heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
+    assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_e2e_control_identifies_intact_turned_heads(e2e):
+    _, summary = e2e
+    control = summary["control"]
+    assert control["probes"] == 2 * len(E2E_HEADS)
+    assert control["rank1"] / control["probes"] >= 0.8
+
+
+def test_e2e_mideface_keeps_brain_and_tissue(e2e):
+    out, summary = e2e
+    row = summary["methods"]["mideface"]
+    assert row["brain_voxels_changed"] == 0
+    assert max(row["tissue_change_pct_max_abs"].values()) < 0.5
+    assert row["defaced"]["probes"] == 3 * len(E2E_HEADS)
+    assert row["seconds_median"] > 0 and row["peak_gb_max"] > 0
+    # outputs stay in the output folder, one defaced head per input
+    assert sorted(p.name for p in (out / "defaced" / "mideface").iterdir()) == sorted(
+        f"{io.split_suffix(name)[0]}.nii.gz" for name in E2E_HEADS
+    )
+    table = (out / "results.md").read_text()
+    assert "mideface-nipype" in table and "control" in table
+
+
+def test_e2e_rerun_reuses_cached_subjects(e2e, capsys):
+    out, summary = e2e
+    heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
+    assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
+    assert json.loads((out / "results.json").read_text()) == summary
+
+
+def test_sources_hold_the_independent_mask_templates():
+    for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE):
+        assert (ATLAS_SOURCES_DIR / name).is_file()
