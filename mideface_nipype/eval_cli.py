@@ -6,9 +6,10 @@
 For every head: the intact renders (gallery and control probes), then for every method the
 defaced head made by the method as a whole process (wall time, peak memory), its renders, the
 renders after the refacing attacks, voxels changed inside the independent brain mask, and tissue
-volumes before vs after. Per-head results are kept in ``DIR/subjects/`` (a rerun reuses them), the
-defaced heads in ``DIR/defaced/METHOD/``; the table is written to ``DIR/results.md`` and the
-figures to ``DIR/results.json``. Needs the ``eval`` extra.
+volumes before vs after (Atropos in the original's brain mask) and the brain-mask volume
+estimated anew on the defaced image. Per-head results are kept in ``DIR/subjects/`` (a rerun
+reuses them), the defaced heads in ``DIR/defaced/METHOD/``; the table is written to
+``DIR/results.md`` and the figures to ``DIR/results.json``. Needs the ``eval`` extra.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def evaluate_head(
         if tissue:
             entry["tissue_ml"] = evaluate.tissue_volumes_ml(dimg, brain)
             entry["tissue_change_pct"] = evaluate.percent_change(before, entry["tissue_ml"])
+            # the eICV analog: the whole brain-mask pipeline again, on the defaced image
+            entry["brain_ml"] = _ml(evaluate.independent_brain_mask(dimg, sources), dimg)
+            entry["brain_ml_change_pct"] = evaluate.percent_change(
+                {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
+            )["brain"]
         volumes = {"defaced": ddata, **evaluate.refacing_attacks(ddata, dimg.affine)}
         for variant in VARIANTS:
             vviews = evaluate.render_views(volumes[variant], dimg.affine, to_atlas)
@@ -228,6 +234,9 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
                     if "tissue_ml" in e
                     for k in evaluate.TISSUES
                 )
+            brain_changes = [e["brain_ml_change_pct"] for e in ok if "brain_ml_change_pct" in e]
+            if brain_changes:
+                row["brain_ml_change_pct_max_abs"] = max(map(abs, brain_changes))
         summary["methods"][method] = row
     return summary
 
@@ -247,9 +256,10 @@ def markdown_table(summary: dict) -> str:
         "| method | rank-1 after defacing | after median filter | after smoothing | faces "
         "detected | depth rank-1 | depth r with own original (median) | brain voxels changed "
         "| tissue volume change, max \\|%\\| (GM / WM / CSF; any class in % of brain) "
+        "| brain-mask volume change re-estimated on the defaced image, max \\|%\\| "
         "| s per subject (median) | GB per subject (peak) |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     control = summary["control"]
     between_s = (
         f"between people: {np.nanmedian(between):.3f} (max {np.nanmax(between):.3f})"
@@ -258,7 +268,7 @@ def markdown_table(summary: dict) -> str:
     )
     rows.append(
         f"| intact heads, ±30° probes (control) | {_rate(control)} | | | "
-        f"{_rate(control, 'detected')} | | {between_s} | | | | |"
+        f"{_rate(control, 'detected')} | | {between_s} | | | | | |"
     )
     for method, row in summary["methods"].items():
         tissue = row.get("tissue_change_pct_max_abs")
@@ -268,13 +278,15 @@ def markdown_table(summary: dict) -> str:
             if tissue
             else "–"
         )
+        brain_change = row.get("brain_ml_change_pct_max_abs")
+        brain_s = f"{brain_change:.2f}" if brain_change is not None else "–"
         depth = row["depth"]
         own = f"{np.nanmedian(depth['own_r']):.3f}" if depth.get("own_r") else "–"
         depth_rank = _rate(depth) if depth else "–"
         rows.append(
             f"| {METHOD_NOTES[method]} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
             f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {depth_rank} | "
-            f"{own} | {row.get('brain_voxels_changed', '–')} | {tissue_s} | "
+            f"{own} | {row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
             f"{row.get('seconds_median', float('nan')):.1f} | "
             f"{row.get('peak_gb_max', float('nan')):.2f} |"
         )
@@ -286,9 +298,12 @@ def markdown_table(summary: dict) -> str:
         + f". Probes: renders at 0° and ±30° yaw, ranked against intact frontal renders of all {n} "
         f"subjects (dlib 128-d descriptors); chance rank-1 is 1/{n} = "
         f"{100 * summary['chance_rank1']:.0f} %. Depth: frontal depth maps over the atlas face "
-        "region, Pearson r, ranked like the descriptors. Tissue: ANTs Atropos (3 classes, 2 mm) "
-        "inside an independent brain mask (N4 + SyN of the MNI152 2009 SSW head, ICBM 2009a "
-        "brain), the same mask before and after; N4 on the whole head first.",
+        "region, Pearson r, ranked like the descriptors. Independent brain mask: N4 + SyN of the "
+        "MNI152 2009 SSW head, ICBM 2009a brain. Tissue: N4 in the original's brain mask, then "
+        "ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the same "
+        "mask before and after (a defacer that changes no brain voxel scores 0). Brain-mask "
+        "volume: the whole independent brain mask estimated again on the defaced image, in % of "
+        "the original's (the eICV of the MiDeFace authors, -0.1 %).",
     ]
     for method, row in summary["methods"].items():
         notes += [f"{method} failed on {err}" for err in row["errors"]]

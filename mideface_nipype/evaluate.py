@@ -1,22 +1,27 @@
 """How well a defacer works, measured on real heads: privacy, brain preservation, cost.
 
 Privacy is attacked as in Schwarz et al. (2019, 2021): the skin surface of each head is rendered
-as a 3-D face (``render``) and a face recogniser (dlib's 128-d ResNet descriptor, with the HOG
-detector and 68-point landmarks that ``face_recognition_models`` ships) ranks every probe against
-a gallery of intact frontal renders of all subjects. A control in the same run (intact heads seen
-from +-30 deg yaw) shows that the attack works. A detector-free check compares frontal depth maps
-of the face region. Refacing attacks smooth the defaced image before rendering.
+as a 3-D face (``render``, lit from above like a portrait) and a face recogniser (dlib's 128-d
+ResNet descriptor, with the HOG detector and 68-point landmarks that ``face_recognition_models``
+ships) ranks every probe against a gallery of intact frontal renders of all subjects. A control
+in the same run (intact heads seen from +-30 deg yaw) shows that the attack works. A
+detector-free check compares frontal depth maps of the face region. Refacing attacks smooth the
+defaced image before rendering.
 
 Brain preservation is judged with a brain mask that does not come from the defacer (another
-template, a deformable registration, another brain mask) and with tissue volumes from ANTs Atropos
-run on the original and on the defaced image. Cost is wall time and peak memory of each defacer
-as a whole process. Needs the ``eval`` extra (``dlib-bin``, ``face_recognition_models``).
+template, a deformable registration, another brain mask), with tissue volumes from N4 and ANTs
+Atropos in that mask on the original and on the defaced image, and with the brain mask estimated
+anew on the defaced image. Cost is wall time and peak memory of each defacer as a whole process.
+Needs the ``eval`` extra (``dlib-bin``, ``face_recognition_models``).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import trimesh
 from scipy import ndimage as ndi
 
 from mideface_nipype import headmask, io, register, render
@@ -34,6 +40,8 @@ GALLERY_YAW_DEG = 0.0
 PROBE_YAWS_DEG = (0.0, 30.0, -30.0)
 #: Intact probes of the control: turned views, never the gallery image itself.
 CONTROL_YAWS_DEG = (30.0, -30.0)
+#: Elevation (deg) of the renders' light above the camera, as a portrait's key light.
+LIGHT_ELEVATION_DEG = 30.0
 #: Atlas surface labels that make up the face region of the depth-map comparison.
 FACE_LABELS = ("lower-face", "upper-face", "nose", "eyes")
 #: Refacing attacks on the defaced image before rendering: median filter and Gaussian smoothing.
@@ -105,14 +113,33 @@ def view_frame(yaw_deg: float) -> tuple[np.ndarray, render.Frame]:
 def render_views(
     data: np.ndarray, affine: np.ndarray, to_atlas: np.ndarray, yaws_deg=PROBE_YAWS_DEG
 ) -> dict[float, render.Render]:
-    """Skin renders of a head, aligned to the atlas, one per yaw."""
+    """Skin renders of a head, aligned to the atlas, one per yaw, lit from above."""
     mesh = render.skin_mesh(data, affine)
     vertices = register.apply_affine(to_atlas, mesh.vertices)
+    normals = trimesh.Trimesh(vertices, mesh.faces, process=False).vertex_normals
     out = {}
     for yaw in yaws_deg:
         cam, frame = view_frame(yaw)
-        out[yaw] = render.rasterise(vertices, mesh.faces, cam, frame)[0]
+        rend, pixel_normals = render.rasterise(
+            vertices, mesh.faces, cam, frame, vertex_values=normals
+        )
+        out[yaw] = render.Render(lit_from_above(pixel_normals, cam), rend.depth)
     return out
+
+
+def lit_from_above(normals: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Lambert shade of per-pixel normals (NaN: no surface), the light ``LIGHT_ELEVATION_DEG``
+    above the camera.
+
+    The QA renders' light on the camera axis flattens the relief of the brow, nose and cheeks
+    that a recogniser trained on photographs reads; portraits are lit from above. Surfaces are
+    two-sided, as in ``render.rasterise``; ambient light is the QA renders' ``render.AMBIENT``.
+    """
+    elevation = np.deg2rad(LIGHT_ELEVATION_DEG)
+    light = np.cos(elevation) * cam[2] + np.sin(elevation) * cam[1]
+    unit = normals / (np.linalg.norm(normals, axis=-1, keepdims=True) + 1e-12)
+    unit = np.where((unit @ cam[2] < 0)[..., None], -unit, unit)  # the side facing the camera
+    return render.AMBIENT + (1 - render.AMBIENT) * np.clip(unit @ light, 0.0, None)
 
 
 @lru_cache(maxsize=8)
@@ -272,28 +299,49 @@ def voxels_changed(original: np.ndarray, defaced: np.ndarray, mask: np.ndarray) 
     return int(np.count_nonzero((np.asarray(original) != np.asarray(defaced)) & mask))
 
 
+@contextmanager
+def _private_tempdir() -> Iterator[None]:
+    """Send ``tempfile`` names to a folder deleted afterwards: antspyx's Atropos writes its
+    probability maps under a ``mktemp`` name in the temp folder and never removes them."""
+    with tempfile.TemporaryDirectory(prefix="mideface-atropos-") as tmp:
+        saved, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def tissue_volumes_ml(
     img: nib.spatialimages.SpatialImage, brain_mask: np.ndarray
 ) -> dict[str, float]:
     """CSF, GM and WM volumes (mL) by ANTs Atropos (k-means start, MRF) inside a brain mask.
 
-    Run at ``TISSUE_MM`` after N4 bias correction of the whole head (as a pipeline would before
-    skull stripping), so a change to the face can still reach the tissue classes via the bias
-    field; the same brain mask (the original's) is used before and after defacing.
+    The segmentation step of antsAtroposN4 / smriprep at ``TISSUE_MM``: N4 fits the bias field
+    to the brain only (the mask), then Atropos classifies the brain. A whole-head N4 would let
+    the face move the bias field, and with it every class, by 1-8 % for any defacer (even one
+    that changes no brain voxel): it would measure N4's instability, not the defacing.
     """
     ants = register._import_ants()
     data, aff = register.smooth_downsample(io.first_frame(img), img.affine, TISSUE_MM)
     mask = (
         register.resample(brain_mask.astype(np.float32), img.affine, data.shape, aff) > 0.5
     ).astype(np.float32)
-    image = register.to_ants(data, aff)
     mask_img = register.to_ants(mask, aff)
     image = ants.n4_bias_field_correction(
-        image, shrink_factor=N4_SHRINK, convergence={"iters": list(N4_ITERS), "tol": 1e-7}
+        register.to_ants(data, aff),
+        mask=mask_img,
+        shrink_factor=N4_SHRINK,
+        convergence={"iters": list(N4_ITERS), "tol": 1e-7},
     )
-    seg = ants.atropos(
-        a=image, x=mask_img, i=f"kmeans[{len(TISSUES)}]", m="[0.1,1x1x1]", c="[5,0]"
-    )["segmentation"].numpy()
+    with _private_tempdir():
+        seg = ants.atropos(
+            a=image,
+            x=mask_img,
+            i=f"kmeans[{len(TISSUES)}]",
+            m="[0.1,1x1x1]",
+            c="[5,0]",
+            r=0,  # Atropos seeds its sampler from the clock unless told not to
+        )["segmentation"].numpy()
     voxel_ml = TISSUE_MM**3 / 1000.0
     return {
         name: float(np.count_nonzero(seg == k + 1) * voxel_ml) for k, name in enumerate(TISSUES)

@@ -7,8 +7,9 @@
 * **pydeface method, registered with ANTs** (PyPI ``pydeface`` supplies its template and face
   mask): pydeface registers its template to the subject with FSL ``flirt`` and multiplies the
   image by the face mask resampled through that affine. FSL is not available here, so the
-  registration is an ANTs affine (``register.register_heads``) instead of ``flirt``: the method
-  and its files are pydeface's, the optimiser is not.
+  registration is the engine's ANTs affine instead of ``flirt``, without the engine's refusal of
+  doubtful poses (pydeface has none): the method and its files are pydeface's, the optimiser
+  is not.
 
 Run as a whole process by the harness::
 
@@ -54,6 +55,7 @@ def pydeface_ants(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     template = nib.load(str(data_dir / "mean_reg2mean.nii.gz"))
     facemask = nib.load(str(data_dir / "facemask.nii.gz"))
     data = io.first_frame(img)
+    # pydeface defaces whatever flirt returns: the engine's registration without its refusals
     subject_to_template, _ = register.register_heads(
         data,
         img.affine,
@@ -61,6 +63,8 @@ def pydeface_ants(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
         io.first_frame(template),
         template.affine,
         np.asarray(headmask.head_mask(template).dataobj) > 0,
+        min_head_dice=0.0,
+        min_pose_ratio=0.0,
     )
     keep = register.resample(
         np.asarray(facemask.dataobj, dtype=np.float32),

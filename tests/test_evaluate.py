@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -164,6 +165,85 @@ def test_describe_face_on_a_real_render_and_fallback():
     assert np.linalg.norm(face.descriptor - empty.descriptor) > 0.6
 
 
+def test_control_identifies_turned_intact_heads_at_rank_1():
+    """The attack works on the real heads with a whole face: every frontal render holds a
+    detected face, and at least 90 % of the +-30 deg views rank their own frontal render first."""
+    faces = {}
+    for name in FACE_HEADS:
+        img = nib.load(HEADS_DIR / name)
+        views = evaluate.render_views(io.first_frame(img), img.affine, evaluate.align_to_atlas(img))
+        for yaw, rend in views.items():
+            faces[name, yaw] = evaluate.describe_face(rend.rgb(), evaluate.face_region(yaw))
+    assert all(faces[name, evaluate.GALLERY_YAW_DEG].detected for name in FACE_HEADS)
+    gallery = np.stack([faces[name, evaluate.GALLERY_YAW_DEG].descriptor for name in FACE_HEADS])
+    probes = [(i, yaw) for i in range(len(FACE_HEADS)) for yaw in evaluate.CONTROL_YAWS_DEG]
+    desc = np.stack([faces[FACE_HEADS[i], yaw].descriptor for i, yaw in probes])
+    truth = np.array([i for i, _ in probes])
+    ranks = evaluate.rank_of_truth(evaluate.descriptor_distances(desc, gallery), truth)
+    assert np.count_nonzero(ranks == 1) >= 0.9 * len(probes), ranks.tolist()
+
+
+def test_lit_from_above_shades_upward_faces_brighter():
+    cam = render.camera(0.0)
+    up, down = (cam[2] + cam[1]) / np.sqrt(2), (cam[2] - cam[1]) / np.sqrt(2)
+    normals = np.stack([cam[2], up, down, np.full(3, np.nan)])
+    shade = evaluate.lit_from_above(normals[None], cam)[0]
+    elevation = evaluate.LIGHT_ELEVATION_DEG
+    lambert = np.cos(np.deg2rad([elevation, 45 - elevation, 45 + elevation]))
+    assert shade[:3] == pytest.approx(render.AMBIENT + (1 - render.AMBIENT) * lambert)
+    assert shade[1] > shade[0] > shade[2] and np.isnan(shade[3])
+    # two-sided: a normal turned away from the camera is shaded as its reverse
+    assert evaluate.lit_from_above(-normals[None], cam)[0, :3] == pytest.approx(shade[:3])
+
+
+def _tissue_phantom() -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A 2 mm head: WM ball in a GM shell in a CSF shell (the brain mask), a bright 'face' block
+    in front, mild noise and a smooth bias field over everything."""
+    shape = (48, 48, 48)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -47.0
+    radius = np.linalg.norm(
+        register.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
+    )
+    radius = radius.reshape(shape)
+    data = np.select([radius < 25, radius < 33, radius < 38], [100.0, 60.0, 20.0], 0.0)
+    data[:, 44:, 10:38] = 80.0  # the face: in front (+A), far from the brain
+    rng = np.random.default_rng(3)
+    bias = 1 + 0.1 * np.linspace(-1, 1, shape[2])[None, None, :]
+    data = (data * bias + rng.normal(0, 3, shape)).astype(np.float32)
+    return nib.Nifti1Image(data, affine), radius < 38
+
+
+def test_tissue_volumes_repeatable_and_blind_to_voxels_outside_the_brain():
+    img, brain = _tissue_phantom()
+    before = evaluate.tissue_volumes_ml(img, brain)
+    assert evaluate.tissue_volumes_ml(img, brain) == before  # Atropos seeded, N4 single-thread
+    # the three shells' volumes, within the partial volume of a 2 mm grid
+    ml = {"wm": 4 / 3 * np.pi * 25**3, "gm": 4 / 3 * np.pi * (33**3 - 25**3)}
+    assert before["wm"] == pytest.approx(ml["wm"] / 1000, rel=0.1)
+    assert before["gm"] == pytest.approx(ml["gm"] / 1000, rel=0.1)
+    defaced = np.asarray(img.dataobj).copy()
+    defaced[:, 44:, 10:38] = 0.0  # a defacer that erases the face and no brain voxel
+    after = evaluate.tissue_volumes_ml(nib.Nifti1Image(defaced, img.affine), brain)
+    assert evaluate.percent_change(before, after) == pytest.approx(dict.fromkeys(before, 0.0))
+
+
+def test_independent_brain_mask_is_repeatable():
+    """SyN and N4 are seeded and single-threaded: the same image gives the same mask, so a
+    change of the mask re-estimated on a defaced image comes from the defacing."""
+    img = nib.load(HEADS_DIR / FACE_HEADS[2])
+    first = evaluate.independent_brain_mask(img, ATLAS_SOURCES_DIR)
+    assert np.array_equal(first, evaluate.independent_brain_mask(img, ATLAS_SOURCES_DIR))
+    assert 900 < first.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 < 2000  # mL
+
+
+def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    img, brain = _tissue_phantom()
+    evaluate.tissue_volumes_ml(img, brain)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     src = HEADS_DIR / FACE_HEADS[1]
     out = tmp_path / "pydeface.nii.gz"
@@ -190,6 +270,17 @@ def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     assert evaluate.voxels_changed(before, after, brain_subj) == 0
 
 
+def test_pydeface_method_defaces_where_the_engine_would_refuse(tmp_path):
+    """On dcmqa the engine's pose check refuses the pydeface template's registration (pose ratio
+    1.23 < 1.3); pydeface has no such check, so its method defaces it all the same."""
+    out = tmp_path / "pydeface.nii.gz"
+    src = HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz"
+    assert evaluate_peers.main(["pydeface-ants", str(src), str(out)]) == 0
+    img = nib.load(src)
+    erased = (io.first_frame(img) > 0) & (io.first_frame(nib.load(out)) == 0)
+    assert erased.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 > 50  # mL
+
+
 def test_bad_input_is_one_line_and_no_output(tmp_path, capsys):
     bad = tmp_path / "bad.nii.gz"
     bad.write_text("not a volume")
@@ -212,14 +303,18 @@ def test_e2e_control_identifies_intact_turned_heads(e2e):
     _, summary = e2e
     control = summary["control"]
     assert control["probes"] == 2 * len(E2E_HEADS)
-    assert control["rank1"] / control["probes"] >= 0.8
+    assert control["rank1"] / control["probes"] >= 0.9
 
 
 def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     out, summary = e2e
     row = summary["methods"]["mideface"]
     assert row["brain_voxels_changed"] == 0
-    assert max(row["tissue_change_pct_max_abs"].values()) < 0.5
+    # no brain voxel changed: N4 and Atropos in the brain mask see the same brain
+    assert max(row["tissue_change_pct_max_abs"].values()) < 0.1
+    # the brain mask estimated anew on the defaced head (SyN sees the new face): a measured
+    # change, 1.6 % at most on these heads; the bound only catches a broken mask
+    assert 0 < row["brain_ml_change_pct_max_abs"] < 5.0
     assert row["defaced"]["probes"] == 3 * len(E2E_HEADS)
     assert row["seconds_median"] > 0 and row["peak_gb_max"] > 0
     # outputs stay in the output folder, one defaced head per input
