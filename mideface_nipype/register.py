@@ -107,28 +107,20 @@ def resample(
     )
 
 
-def smooth_downsample(
-    data: np.ndarray,
-    affine: np.ndarray,
-    spacing_mm: float,
-    *,
-    order: int = 1,
-    grid: tuple[tuple[int, ...], np.ndarray] | None = None,
-    grid_to_source: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Anti-aliased resampling of a volume onto an axis-aligned RAS grid of ``spacing_mm``.
-
-    The grid covers the volume's own field of view unless ``grid`` (shape, affine) is given;
-    ``grid_to_source`` maps grid world mm to the volume's world mm (``resample``).
-    """
+def anti_alias(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The volume smoothed so that sampling it every ``spacing_mm`` does not alias."""
     zooms = voxel_sizes(affine)
     sigma_vox = np.sqrt(np.clip((spacing_mm / zooms) ** 2 - 1.0, 0.0, None)) / 2.355
-    smoothed = ndi.gaussian_filter(np.asarray(data, dtype=np.float32), sigma_vox)
-    shape, new_affine = grid or iso_grid(data.shape, affine, spacing_mm)
-    resampled = resample(
-        smoothed, affine, shape, new_affine, target_to_source=grid_to_source, order=order
-    )
-    return resampled, new_affine
+    return ndi.gaussian_filter(np.asarray(data, dtype=np.float32), sigma_vox)
+
+
+def smooth_downsample(
+    data: np.ndarray, affine: np.ndarray, spacing_mm: float, *, order: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased resampling of a volume onto an axis-aligned RAS grid of ``spacing_mm``."""
+    shape, new_affine = iso_grid(data.shape, affine, spacing_mm)
+    smoothed = anti_alias(data, affine, spacing_mm)
+    return resample(smoothed, affine, shape, new_affine, order=order), new_affine
 
 
 def to_ants(data: np.ndarray, affine: np.ndarray):
@@ -424,13 +416,10 @@ def register_heads(
     # then refine with the fixed head pulled into the moving head's frame: both images sit on the
     # moving grid whatever the fixed head's orientation, position and voxel grid, so the result
     # no longer depends on how the fixed head meets its own registration grid
+    smoothed = anti_alias(np.where(fixed_head > 0, fixed, 0), fixed_affine, registration_mm)
     for _ in range(REFINE_PASSES):
-        pulled, _ = smooth_downsample(
-            np.where(fixed_head > 0, fixed, 0),
-            fixed_affine,
-            registration_mm,
-            grid=(m.shape, m_aff),
-            grid_to_source=np.linalg.inv(matrix),
+        pulled = resample(
+            smoothed, fixed_affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
         )
         correction = register_affine(
             pulled, m_aff, m, m_aff, initial=np.eye(4), transform=transform, pyramid=REFINE_PYRAMID
