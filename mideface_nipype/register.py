@@ -7,13 +7,14 @@ orientation. ANTs works in LPS; the conversion lives here and nowhere else.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
+
+from mideface_nipype.threads import pin_itk_threads
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def _import_ants():
     """Import antspyx single-threaded (it uses one core anyway; one thread is reproducible)."""
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+    pin_itk_threads()
     import ants
 
     # antspyx 0.6 ignores registration(random_seed=...); it passes --random-seed to ANTs only

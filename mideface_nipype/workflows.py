@@ -63,6 +63,7 @@ def init_mideface_wf(
     other_contrasts: list[str] | bool = False,
     regheader: bool = False,
     pics: bool = False,
+    omp_nthreads: int = 1,
 ) -> pe.Workflow:
     """Deface one head MRI, and with ``other_contrasts`` its other contrasts with the same mask.
 
@@ -96,6 +97,10 @@ def init_mideface_wf(
         here); each is rigidly registered to ``in_file`` (or taken as is with ``regheader``)
         and defaced with ``in_file``'s face mask, in parallel (MapNodes)
 
+    ``omp_nthreads`` is the number of BLAS/OpenMP threads of the numpy-heavy steps (segment,
+    bracket, deface, pics): their nodes declare it as ``n_procs``, so MultiProc and SLURM
+    schedule them with that many cores. ANTs steps stay at one thread (reproducible registration).
+
     Outputs
     -------
     out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
@@ -123,9 +128,9 @@ def init_mideface_wf(
         Bracket(ears=ears, forehead=forehead, back_of_head=back_of_head, ripple=ripple, **atlas),
         name="bracket",
         mem_gb=1.0,
-        n_procs=1,
+        n_procs=omp_nthreads,
     )
-    deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=1)
+    deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=omp_nthreads)
     if fill_const is not None:
         deface.inputs.fill_const = tuple(fill_const)
     records = pe.Node(Merge(8, ravel_inputs=True), name="records", run_without_submitting=True)
@@ -172,7 +177,7 @@ def init_mideface_wf(
         (html, outputnode, [("out_file", "report")]),
     ]
     if xmask_source == "segment":
-        seg = pe.Node(Segment(**atlas), name="segment", mem_gb=1.5, n_procs=1)
+        seg = pe.Node(Segment(**atlas), name="segment", mem_gb=1.5, n_procs=omp_nthreads)
         connections += [
             (inputnode, seg, [("in_file", "in_file")]),
             (head_mask, seg, [("out_file", "head_mask")]),
@@ -200,7 +205,7 @@ def init_mideface_wf(
         (xmask_out[0], outputnode, [(xmask_out[1], "exclusion_mask")]),
     ]
     if pics:
-        qa = pe.Node(Pics(), name="pics", mem_gb=1.5, n_procs=1)
+        qa = pe.Node(Pics(), name="pics", mem_gb=1.5, n_procs=omp_nthreads)
         connections += [
             (inputnode, qa, [("in_file", "in_file")]),
             (register, qa, [("transform", "transform")]),

@@ -10,12 +10,32 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File
+from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, traits
+
+from mideface_nipype.threads import limit_threads
 
 LOGGER = logging.getLogger("mideface")
 
 
-class AtlasInputSpec(BaseInterfaceInputSpec):
+class StepInputSpec(BaseInterfaceInputSpec):
+    """Inputs of every step: the threads its numeric libraries may use."""
+
+    # Nipype sets a ``num_threads`` input to the node's ``n_procs``, so MultiProc and SLURM hand
+    # each node the cores they scheduled it for; nohash: the result does not depend on it
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads for BLAS/OpenMP (the node's n_procs)"
+    )
+
+
+class StepInterface(SimpleInterface):
+    """A SimpleInterface whose numeric libraries use no more threads than the node was given."""
+
+    def run(self, cwd=None, ignore_exception=None, **inputs):
+        with limit_threads(inputs.get("num_threads", self.inputs.num_threads)):
+            return super().run(cwd=cwd, ignore_exception=ignore_exception, **inputs)
+
+
+class AtlasInputSpec(StepInputSpec):
     """Inputs of every step that reads the atlas."""
 
     atlas_dir = Directory(exists=True, desc="atlas folder (default: the installed atlas)")

@@ -7,15 +7,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from mideface_nipype import apply, fill, headmask, io, register
 from mideface_nipype.interfaces._base import (
+    StepInputSpec,
+    StepInterface,
     load_mask,
     load_matrix,
     out_path,
@@ -26,7 +26,7 @@ from mideface_nipype.interfaces._base import (
 )
 
 
-class _CoregisterInputSpec(BaseInterfaceInputSpec):
+class _CoregisterInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the other contrast (frame 0 is used)")
     reference = File(exists=True, mandatory=True, desc="the reference (defaced) contrast")
     reference_mask = File(exists=True, mandatory=True, desc="head mask of the reference")
@@ -41,7 +41,7 @@ class _CoregisterOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: head-mask Dice, seconds")
 
 
-class Coregister(SimpleInterface):
+class Coregister(StepInterface):
     """Rigid registration (ANTs, mutual information, pose search) of a contrast to the reference."""
 
     input_spec = _CoregisterInputSpec
@@ -71,7 +71,7 @@ class Coregister(SimpleInterface):
         return runtime
 
 
-class _ApplyFaceMaskInputSpec(BaseInterfaceInputSpec):
+class _ApplyFaceMaskInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="volume to deface (3-D or 4-D)")
     face_mask = File(exists=True, mandatory=True, desc="face mask (0-4) made on the reference")
     xmask = File(exists=True, desc="exclusion mask on the face mask's grid")
@@ -87,7 +87,7 @@ class _ApplyFaceMaskOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: this volume's compartment statistics, seconds")
 
 
-class ApplyFaceMask(SimpleInterface):
+class ApplyFaceMask(StepInterface):
     """Deface a volume with a face mask made on another contrast (statistics recomputed here)."""
 
     input_spec = _ApplyFaceMaskInputSpec

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     Directory,
     File,
     InputMultiObject,
     OutputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from mideface_nipype import bids, fill
+from mideface_nipype.interfaces._base import StepInputSpec, StepInterface
 
 
-class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
+class _WriteDerivativesInputSpec(StepInputSpec):
     bids_dir = Directory(exists=True, mandatory=True, desc="the raw BIDS dataset")
     output_dir = traits.Str(mandatory=True, desc="the derivative dataset")
     reference = traits.Str(mandatory=True, desc="the T1w, relative to bids_dir")
@@ -34,7 +33,7 @@ class _WriteDerivativesOutputSpec(TraitedSpec):
     out_files = OutputMultiObject(File(exists=True), desc="every file written")
 
 
-class WriteDerivatives(SimpleInterface):
+class WriteDerivatives(StepInterface):
     """Copy a session's results to their BIDS names, atomically, with JSON sidecars."""
 
     input_spec = _WriteDerivativesInputSpec

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype import bracket
 from mideface_nipype.atlas import load_atlas
 from mideface_nipype.interfaces._base import (
+    StepInterface,
     SubjectGridInputSpec,
     load_mask,
     load_matrix,
@@ -40,7 +41,7 @@ class _BracketOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: per-label DistIn/DistOut, protected voxels, seconds")
 
 
-class Bracket(SimpleInterface):
+class Bracket(StepInterface):
     """Bracket the true face between inward and outward projections of the atlas face."""
 
     input_spec = _BracketInputSpec

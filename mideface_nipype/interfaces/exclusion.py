@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype import exclusion
 from mideface_nipype.atlas import load_atlas
 from mideface_nipype.interfaces._base import (
+    StepInterface,
     SubjectGridInputSpec,
     load_mask,
     load_matrix,
@@ -26,7 +27,7 @@ class _ExclusionOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: protected voxels, seconds")
 
 
-class AtlasExclusionMask(SimpleInterface):
+class AtlasExclusionMask(StepInterface):
     """Exclusion mask = atlas brain + eyes pulled through the registration, dilated, in the head."""
 
     input_spec = _AtlasExclusionInputSpec

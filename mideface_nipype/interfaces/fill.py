@@ -8,20 +8,24 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from mideface_nipype import fill, io
-from mideface_nipype.interfaces._base import out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    StepInputSpec,
+    StepInterface,
+    out_path,
+    step,
+    write_json,
+)
 
 LOGGER = logging.getLogger("mideface")
 
 
-class _DefaceInputSpec(BaseInterfaceInputSpec):
+class _DefaceInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="volume to deface (3-D or 4-D)")
     face_mask = File(exists=True, mandatory=True, desc="face mask (0-4) on the same grid")
     seed = traits.Int(fill.DEFAULT_SEED, usedefault=True, desc="random seed of the noise fill")
@@ -39,7 +43,7 @@ class _DefaceOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: compartment statistics, seconds")
 
 
-class Deface(SimpleInterface):
+class Deface(StepInterface):
     """Replace the face compartments with noise matched to tissue (1-2) and background (3-4)."""
 
     input_spec = _DefaceInputSpec

@@ -5,18 +5,22 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from mideface_nipype import headmask, io
-from mideface_nipype.interfaces._base import out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    StepInputSpec,
+    StepInterface,
+    out_path,
+    step,
+    write_json,
+)
 
 
-class _HeadMaskInputSpec(BaseInterfaceInputSpec):
+class _HeadMaskInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="head MRI (3-D or 4-D; frame 0 is used)")
 
 
@@ -26,7 +30,7 @@ class _HeadMaskOutputSpec(TraitedSpec):
     head_ml = traits.Float(desc="head volume in mL")
 
 
-class HeadMask(SimpleInterface):
+class HeadMask(StepInterface):
     """Segment the head from the background with the ``mri_seghead`` scan-line algorithm."""
 
     input_spec = _HeadMaskInputSpec

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype import io, register
 from mideface_nipype.atlas import LABEL_FILE, SURFACE_FILE, load_atlas, save_surface
 from mideface_nipype.interfaces._base import (
     AtlasInputSpec,
+    StepInterface,
     load_mask,
     load_matrix,
     out_path,
@@ -33,7 +34,7 @@ class _RegisterAtlasOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: head-mask Dice after registration, seconds")
 
 
-class RegisterAtlas(SimpleInterface):
+class RegisterAtlas(StepInterface):
     """Affine registration of the atlas head to the subject (ANTs, robust rotation search)."""
 
     input_spec = _RegisterAtlasInputSpec
@@ -74,7 +75,7 @@ class _ProjectSurfaceOutputSpec(TraitedSpec):
     label_file = File(exists=True, desc="its vertex labels and watermark (GIfTI, atlas order)")
 
 
-class ProjectSurface(SimpleInterface):
+class ProjectSurface(StepInterface):
     """Map the atlas head surface into the subject's world coordinates (mm)."""
 
     input_spec = _ProjectSurfaceInputSpec

@@ -8,21 +8,26 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
     OutputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from mideface_nipype import io, report
-from mideface_nipype.interfaces._base import load_matrix, out_path, step, write_json
+from mideface_nipype.interfaces._base import (
+    StepInputSpec,
+    StepInterface,
+    load_matrix,
+    out_path,
+    step,
+    write_json,
+)
 from mideface_nipype.qa import save_png
 
 
-class _PicsInputSpec(BaseInterfaceInputSpec):
+class _PicsInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the original head MRI (frame 0 is used)")
     defaced_file = File(exists=True, mandatory=True, desc="the defaced volume, same grid")
     transform = File(exists=True, mandatory=True, desc="4x4 RAS subject->atlas matrix (text)")
@@ -42,7 +47,7 @@ class _PicsOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: dist-to-face areas, seconds")
 
 
-class Pics(SimpleInterface):
+class Pics(StepInterface):
     """Render the skin before and after defacing in the atlas pose; measure where it coincides.
 
     Writes ``face-before.png``, ``face-after.png`` (front, left, right, three-quarter),
@@ -93,7 +98,7 @@ class Pics(SimpleInterface):
         return runtime
 
 
-class _ReportInputSpec(BaseInterfaceInputSpec):
+class _ReportInputSpec(StepInputSpec):
     stats = File(exists=True, mandatory=True, desc="stats.json of the run")
     face_mask = File(exists=True, mandatory=True, desc="face mask (0-4): field-of-view check")
     in_file = traits.Str(mandatory=True, desc="the input's path (the report's title)")
@@ -105,7 +110,7 @@ class _ReportOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="report.html: self-contained, opens offline")
 
 
-class Report(SimpleInterface):
+class Report(StepInterface):
     """One HTML page per head: warnings, pictures, dist-to-face, timings, options, versions,
     every statistic. Pictures are embedded, so the file can be moved or mailed alone."""
 

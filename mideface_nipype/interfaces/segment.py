@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype import exclusion, io, qa, segment
 from mideface_nipype.atlas import CLASSES, load_atlas
 from mideface_nipype.interfaces._base import (
+    StepInterface,
     SubjectGridInputSpec,
     load_mask,
     load_matrix,
@@ -35,7 +36,7 @@ class _SegmentOutputSpec(TraitedSpec):
     out_stats = File(exists=True, desc="JSON: intracranial volume, class intensities, seconds")
 
 
-class Segment(SimpleInterface):
+class Segment(StepInterface):
     """Contrast-adaptive segmentation (atlas priors + Gaussian mixtures by EM + bias field)."""
 
     input_spec = _SegmentInputSpec

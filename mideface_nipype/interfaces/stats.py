@@ -6,18 +6,16 @@ import json
 from pathlib import Path
 
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
 )
 
 from mideface_nipype import __version__
-from mideface_nipype.interfaces._base import out_path, write_json
+from mideface_nipype.interfaces._base import StepInputSpec, StepInterface, out_path, write_json
 
 
-class _CollectStatsInputSpec(BaseInterfaceInputSpec):
+class _CollectStatsInputSpec(StepInputSpec):
     in_files = InputMultiObject(File(exists=True), mandatory=True, desc="per-step JSON records")
 
 
@@ -25,7 +23,7 @@ class _CollectStatsOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="stats.json: one section per step")
 
 
-class CollectStats(SimpleInterface):
+class CollectStats(StepInterface):
     """Merge step records (``head_mask.json`` -> section ``head_mask``) and total the seconds.
 
     Per-volume records (those naming an ``in_file``: one per other contrast) become lists.
