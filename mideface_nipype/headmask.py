@@ -23,6 +23,9 @@ MIN_HEAD_FRACTION = 0.001
 """A head smaller than this fraction of the field of view is a noise blob, not a head."""
 MIN_HEAD_VOLUME_ML = 100.0
 """A head mask smaller than this is noise, whatever the field of view (even slabs hold litres)."""
+MIN_SEED_FRACTION = 0.1
+"""A component at the volume centre smaller than this fraction of the largest one is a speck
+(noise, a vessel, a bright voxel of another contrast), not the head."""
 
 _UCHAR_MAX = 255.0
 
@@ -83,7 +86,8 @@ def _select_head_component(candidates: np.ndarray) -> np.ndarray:
 
     FreeSurfer stops when the centre voxel is not in the region; we instead fall back to the
     largest component, because a head placed off-centre in the field of view is still a head.
-    Among several components at the centre (even-sized axes), the largest one wins.
+    Among several components at the centre (even-sized axes), the largest one wins, unless it is
+    a speck beside a far larger component (``MIN_SEED_FRACTION``).
     """
     labels, n_labels = ndimage.label(candidates)
     if n_labels == 0:
@@ -92,8 +96,12 @@ def _select_head_component(candidates: np.ndarray) -> np.ndarray:
     sizes[0] = 0
     at_centre = np.unique(labels[_central_voxels(labels.shape)])
     at_centre = at_centre[at_centre > 0]
-    pool = at_centre if at_centre.size else np.arange(1, n_labels + 1)
-    return labels == pool[np.argmax(sizes[pool])]
+    largest = int(np.argmax(sizes))
+    if at_centre.size:
+        seed = at_centre[np.argmax(sizes[at_centre])]
+        if sizes[seed] >= MIN_SEED_FRACTION * sizes[largest]:
+            return labels == seed
+    return labels == largest
 
 
 def _fill_holes_in(mask: np.ndarray, plane_normal: int | None) -> np.ndarray:
