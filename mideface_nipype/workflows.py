@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
-from mideface_nipype.fill import DEFAULT_SEED
+from mideface_nipype.bracket import RIPPLE_AMP_MM, RIPPLE_PERIOD_MM
+from mideface_nipype.fill import DEFAULT_SEED, STAT_FRAME
 from mideface_nipype.interfaces import (
     ApplyFaceMask,
     AtlasExclusionMask,
@@ -57,13 +60,17 @@ def init_mideface_wf(
     forehead: bool = False,
     back_of_head: bool = False,
     ripple: bool = False,
+    ripple_amp_mm: float = RIPPLE_AMP_MM,
+    ripple_period_mm: float = RIPPLE_PERIOD_MM,
     seed: int = DEFAULT_SEED,
     fill_const: tuple[float, float] | None = None,
+    stat_frame: int = STAT_FRAME,
     atlas_dir: str | None = None,
     other_contrasts: list[str] | bool = False,
     regheader: bool = False,
     pics: bool = False,
     omp_nthreads: int = 1,
+    report_options: dict | None = None,
 ) -> pe.Workflow:
     """Deface one head MRI, and with ``other_contrasts`` its other contrasts with the same mask.
 
@@ -97,9 +104,11 @@ def init_mideface_wf(
         here); each is rigidly registered to ``in_file`` (or taken as is with ``regheader``)
         and defaced with ``in_file``'s face mask, in parallel (MapNodes)
 
-    ``omp_nthreads`` is the number of BLAS/OpenMP threads of the numpy-heavy steps (segment,
-    bracket, deface, pics): their nodes declare it as ``n_procs``, so MultiProc and SLURM
-    schedule them with that many cores. ANTs steps stay at one thread (reproducible registration).
+    ``report_options`` are the caller's settings as the report lists them (default: the
+    arguments here). ``omp_nthreads`` is the number of BLAS/OpenMP threads of the numpy-heavy
+    steps (segment, bracket, deface, pics): their nodes declare it as ``n_procs``, so MultiProc
+    and SLURM schedule them with that many cores. ANTs steps stay at one thread (reproducible
+    registration).
 
     Outputs
     -------
@@ -125,17 +134,27 @@ def init_mideface_wf(
     register = pe.Node(RegisterAtlas(**atlas), name="register", mem_gb=1.0, n_procs=1)
     project = pe.Node(ProjectSurface(**atlas), name="project", mem_gb=0.3, n_procs=1)
     bracket = pe.Node(
-        Bracket(ears=ears, forehead=forehead, back_of_head=back_of_head, ripple=ripple, **atlas),
+        Bracket(
+            ears=ears,
+            forehead=forehead,
+            back_of_head=back_of_head,
+            ripple=ripple,
+            ripple_amp_mm=ripple_amp_mm,
+            ripple_period_mm=ripple_period_mm,
+            **atlas,
+        ),
         name="bracket",
         mem_gb=1.0,
         n_procs=omp_nthreads,
     )
-    deface = pe.Node(Deface(seed=seed), name="deface", mem_gb=0.5, n_procs=omp_nthreads)
+    deface = pe.Node(
+        Deface(seed=seed, stat_frame=stat_frame), name="deface", mem_gb=0.5, n_procs=omp_nthreads
+    )
     if fill_const is not None:
         deface.inputs.fill_const = tuple(fill_const)
     records = pe.Node(Merge(8, ravel_inputs=True), name="records", run_without_submitting=True)
     stats = pe.Node(CollectStats(), name="stats", run_without_submitting=True)
-    options = {
+    options = report_options or {
         "xmask_source": xmask_source,
         "ears": ears,
         "forehead": forehead,
@@ -263,6 +282,38 @@ def init_mideface_wf(
     connections.append((inputnode, register, [("init_transform", "init_transform")]))
     workflow.connect(connections)
     return workflow
+
+
+def run_mideface_wf(
+    in_file: str | Path,
+    work_dir: str | Path,
+    *,
+    xmask: str | Path | None = None,
+    init_transform: str | Path | None = None,
+    n_procs: int = 1,
+    **options,
+) -> dict:
+    """Deface ``in_file`` with ``init_mideface_wf(**options)`` run in ``work_dir``; its outputs.
+
+    The one way the ``mideface`` command and ``mideface_nipype.deface`` run the graph, so that
+    both give the same bytes. ``n_procs`` > 1 runs it on MultiProc.
+    """
+    from nipype import config
+
+    work_dir = Path(work_dir).resolve()
+    workflow = init_mideface_wf(**options)
+    workflow.inputs.inputnode.in_file = str(Path(in_file).resolve())
+    if xmask is not None:
+        workflow.inputs.inputnode.xmask = str(Path(xmask).resolve())
+    if init_transform is not None:
+        workflow.inputs.inputnode.init_transform = str(Path(init_transform).resolve())
+    workflow.base_dir = str(work_dir)
+    config.set("execution", "crashdump_dir", str(work_dir))
+    if n_procs > 1:
+        graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
+    else:
+        graph = workflow.run(plugin="Linear")
+    return workflow_outputs(workflow, graph)
 
 
 def workflow_outputs(workflow: pe.Workflow, graph) -> dict:
