@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -21,7 +21,7 @@ LOGGER = logging.getLogger("mideface")
 DEMO_FILE = "dcmqa-xa30_T1w_2mm.nii.gz"
 FORMATS = {"mgz": ".mgz", "nii": ".nii", "nii.gz": ".nii.gz"}
 #: Our own error types, whose one-line message is what the user sees when a step fails.
-_ERROR_TYPES = ("InputError", "NoHeadError", "RegistrationError", "ValueError")
+_ERROR_TYPES = ("OutputError", "InputError", "NoHeadError", "RegistrationError", "ValueError")
 
 EPILOG = """\
 outputs
@@ -36,6 +36,9 @@ outputs
                       dist-to-face.png, slices.png, head.surf.gii, head.defaced.surf.gii,
                       dist-to-face.func.gii
   sub-*_*.nii[.gz]    a BIDS-named input also gets a JSON sidecar next to each defaced file
+  every output        is refused if it is a file the run reads (also through a link) or, without
+                      --force, exists; DIR's files appear together; a failed run removes what it
+                      wrote (DIR/log/mideface.log keeps the error)
 
 examples
   mideface --i sub-01_T1w.nii.gz --o sub-01_T1w_defaced.nii.gz
@@ -45,10 +48,34 @@ examples
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import bracket, fill, workflows
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 1 for a bad command line, like every other refusal."""
 
-    p = argparse.ArgumentParser(
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind: type, low: float, *, inclusive: bool = True):
+    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` unless ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (value == low and not inclusive) or value != value:
+            relation = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {relation} {low}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mideface_nipype import bracket, fill, io, workflows
+
+    p = _Parser(
         prog="mideface",
         description=(
             "Minimally invasive defacing of a head MRI (a reimplementation of FreeSurfer's "
@@ -96,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io_group.add_argument("--demo", metavar="DIR", help="deface the bundled sample head into DIR")
     io_group.add_argument("--work-dir", metavar="DIR", help="keep Nipype's working folder here")
+    io_group.add_argument(
+        "--force", action="store_true", help="overwrite existing outputs (never an input)"
+    )
+    io_group.add_argument(
+        "--max-gb",
+        type=_number(float, 0, inclusive=False),
+        default=io.DEFAULT_MAX_GB,
+        metavar="GB",
+        help="refuse, from its header, a volume whose run would need more memory than this "
+        f"(default {io.DEFAULT_MAX_GB:g})",
+    )
 
     what = p.add_argument_group("what to deface")
     what.add_argument(
@@ -126,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument(
         "--statframe",
-        type=int,
+        type=_number(int, 0),
         default=fill.STAT_FRAME,
         help="frame of a 4-D volume used for the fill statistics (default 0)",
     )
     how.add_argument(
         "--seed",
-        type=int,
+        type=_number(int, 0),
         default=fill.DEFAULT_SEED,
         help=f"random seed of the noise fill (default {fill.DEFAULT_SEED})",
     )
@@ -175,13 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     misc = p.add_argument_group("other")
-    misc.add_argument("--threads", type=int, default=1, help="processes for Nipype (MultiProc)")
+    misc.add_argument(
+        "--threads", type=_number(int, 1), default=1, help="processes for Nipype (MultiProc)"
+    )
     misc.add_argument(
         "--check",
         metavar="VOL",
         nargs="+",
         help="print 1 if VOL carries the mideface code, else 0 (optionally "
-        "also written to a file given as second argument)",
+        "also written to a text file, not a volume, given as second argument)",
     )
     misc.add_argument("--log", metavar="FILE", help="log file (default <odir>/log/mideface.log)")
     misc.add_argument("-v", "--verbose", action="store_true", help="log Nipype's messages too")
@@ -189,10 +229,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: ``--odir`` files: name ("{s}" is the volume suffix) -> workflow output.
+ODIR_FILES = {
+    "face.mask{s}": "face_mask",
+    "head.mask{s}": "head_mask",
+    "exclusion.mask{s}": "exclusion_mask",
+    "subject_to_atlas.txt": "transform",
+    "subject_to_atlas.mat": "itk_transform",
+    "template.surf.gii": "surface",
+    "distances.json": "distances",
+    "stats.json": "stats",
+    "report.html": "report",
+}
+#: More ``--odir`` files with the segmentation exclusion mask.
+SEGMENT_FILES = {"seg{s}": "segmentation", "segmentation.png": "segmentation_report"}
+#: More ``--odir`` files with ``--pics`` (besides the pictures, ``report.PICTURES``).
+PICS_FILES = {
+    "head.surf.gii": "head_surface",
+    "head.defaced.surf.gii": "defaced_surface",
+    "dist-to-face.func.gii": "dist_to_face",
+}
+
+
 def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     fmt = logging.Formatter("%(asctime)s mideface: %(message)s", "%H:%M:%S")
     LOGGER.setLevel(logging.INFO)
-    LOGGER.handlers.clear()
+    _close_logging()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     LOGGER.addHandler(console)
@@ -211,6 +273,22 @@ def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     # it the failure is reported as one line naming the file and the problem
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def _close_logging() -> None:
+    for handler in LOGGER.handlers:
+        handler.close()
+    LOGGER.handlers.clear()
+
+
+def _log_error(message: str) -> None:
+    """The error line also in the log file (the console gets it from ``main``)."""
+    record = LOGGER.makeRecord(
+        LOGGER.name, logging.ERROR, __file__, 0, "error: %s", (message,), None
+    )
+    for handler in LOGGER.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _error_line(err: BaseException) -> str:
@@ -233,21 +311,9 @@ def _defaced_name(path: str) -> str:
     return f"{stem}_defaced{suffix}"
 
 
-def _publish(src: str, dst: Path) -> None:
-    """Put a finished file at ``dst`` atomically, converting the volume format if it differs."""
-    from mideface_nipype import io
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if io.split_suffix(dst)[1] != io.split_suffix(src)[1]:
-        import nibabel as nib
-
-        io.save_atomic(nib.load(src), dst)
-        return
-    io.copy_atomic(src, dst)
-
-
 def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
-    from mideface_nipype.io import InputError, split_suffix
+    """(defaced volume, output folder or None, volume suffix); refuses an unusable ``--o``."""
+    from mideface_nipype.io import OutputError, split_suffix
 
     _, in_suffix = split_suffix(in_file)
     suffix = FORMATS[args.fmt] if args.fmt else in_suffix
@@ -255,37 +321,43 @@ def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
     if args.o:
         out = Path(args.o)
         if not split_suffix(out)[1]:
-            if odir is None:  # FreeSurfer: an --o without a volume suffix is an output folder
-                odir, out = out, out / f"defaced{suffix}"
-            else:
-                raise InputError(f"{out}: unknown volume format; end it with .nii.gz, .nii or .mgz")
+            if odir is not None or out.suffix:
+                raise OutputError(
+                    f"{out}: unknown volume format; end it with .nii.gz, .nii or .mgz (only a "
+                    "name without any suffix, and without --odir, is taken as an output folder)"
+                )
+            odir, out = out, out / f"defaced{suffix}"  # FreeSurfer: --o without suffix = folder
     elif odir is not None:
         out = odir / f"defaced{suffix}"
     else:
-        raise InputError("give an output: --o VOL or --odir DIR")
-    written = [out] + ([Path(args.facemask)] if args.facemask else [])
-    for path in written:
-        if path.resolve() == in_file.resolve():
-            raise InputError(f"{path}: the output would overwrite the input")
-        _check_writable(path)
-    if odir is not None:
-        _check_writable(odir / "stats.json")
+        raise OutputError("give an output: --o VOL or --odir DIR")
     return out, odir, suffix
 
 
-def _check_writable(path: Path) -> None:
-    """Refuse, before any work, an output that is a folder, lies under a file, or is read-only."""
-    from mideface_nipype.io import InputError
+def _planned_outputs(args, in_file: Path, out: Path, odir: Path | None, suffix: str) -> list:
+    """Every file the run will write, to check before any work."""
+    from mideface_nipype import report
 
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file the output can be written to")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{path}: cannot be written: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: the output folder {folder} is not writable")
+    planned = [out] + ([Path(args.facemask)] if args.facemask else [])
+    planned += [out.parent / _defaced_name(o) for o in args.apply_to]
+    planned += [report.sidecar_path(defaced) for _, defaced in _sidecar_pairs(args, in_file, out)]
+    if odir is not None:
+        names = dict(ODIR_FILES)
+        if args.samseg and not args.xmask:
+            names.update(SEGMENT_FILES)
+        if args.pics:
+            names.update(PICS_FILES)
+            names.update(dict.fromkeys(report.PICTURES))
+        planned += [odir / name.format(s=suffix) for name in names]
+    return planned
+
+
+def _sidecar_pairs(args, in_file: Path, out: Path) -> list[tuple[Path, Path]]:
+    """(source, defaced) of the BIDS-named inputs, which get a JSON sidecar."""
+    from mideface_nipype import report
+
+    pairs = [(in_file, out)] + [(Path(o), out.parent / _defaced_name(o)) for o in args.apply_to]
+    return [(source, defaced) for source, defaced in pairs if report.is_bids_name(source)]
 
 
 def _options(args) -> dict:
@@ -293,30 +365,56 @@ def _options(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if v is not None and v != []}
 
 
-def _write_sidecars(args, in_file: Path, out: Path, odir: Path | None, suffix: str, options):
-    """BIDS-named inputs: a JSON sidecar (tool, version, options, face mask) by each output."""
-    from mideface_nipype import report
+def _validate_inputs(args) -> list[Path]:
+    """Read every input's header and data now (size first), so a bad one is refused before any
+    work; return every file the run reads."""
+    from mideface_nipype import io, report
 
-    if args.facemask:
-        face_mask = Path(args.facemask)
-    else:
-        face_mask = odir / f"face.mask{suffix}" if odir is not None else None
-    pairs = [(in_file, out)] + [(Path(o), out.parent / _defaced_name(o)) for o in args.apply_to]
-    for source, defaced in pairs:
-        if report.is_bids_name(source):
-            report.write_sidecar(
-                defaced, options=options, face_mask_path=face_mask, source_path=source
+    volumes = [Path(args.i), *map(Path, args.apply_to)]
+    img = io.load_volume(volumes[0], max_gb=args.max_gb)
+    for path in volumes[1:]:
+        io.load_volume(path, max_gb=args.max_gb)
+    reads = volumes + [report.sidecar_path(v) for v in volumes]
+    if args.xmask:
+        xmask = io.load_volume(args.xmask, max_gb=args.max_gb)
+        if xmask.shape[:3] != img.shape[:3]:
+            raise io.InputError(
+                f"{args.xmask}: the exclusion mask has shape {xmask.shape[:3]}, not the input's "
+                f"grid {img.shape[:3]}"
             )
+        reads.append(Path(args.xmask))
+    if args.init_reg:
+        io.load_matrix(args.init_reg)
+        reads.append(Path(args.init_reg))
+    n_frames = img.shape[3] if len(img.shape) > 3 else 1
+    if args.statframe >= n_frames:
+        raise io.InputError(
+            f"{args.i}: --statframe {args.statframe} is beyond its {n_frames} frame(s)"
+        )
+    return reads
 
 
-def run_check(paths: list[str]) -> int:
+def run_check(args) -> int:
+    """FreeSurfer's ``--check VOL [OUTFILE]``: print (and write) 1 if VOL carries the code."""
     from mideface_nipype import fill, io
 
-    img = io.load_volume(paths[0])
-    found = int(fill.check_code(io.stored_data(img)))
+    if len(args.check) > 2:
+        raise io.InputError(
+            f"--check takes one volume and an optional output file, not {len(args.check)} files"
+        )
+    vol, outfile = Path(args.check[0]), (Path(args.check[1]) if len(args.check) > 1 else None)
+    publisher = io.Publisher([vol], force=args.force)
+    if outfile is not None:
+        if io.split_suffix(outfile)[1]:
+            raise io.OutputError(
+                f"{outfile}: --check writes 0 or 1 to a text file, not a volume; refusing this "
+                "volume name"
+            )
+        publisher.check(outfile)
+    found = int(fill.check_code(io.stored_data(io.load_volume(vol, max_gb=args.max_gb))))
     print(found)
-    if len(paths) > 1:
-        io.write_text_atomic(f"{found}\n", paths[1])
+    if outfile is not None:
+        publisher.write_text(f"{found}\n", outfile)
     return 0
 
 
@@ -326,59 +424,62 @@ def run_apply(args) -> int:
 
     from mideface_nipype import apply, io, register, report
 
-    vol, facemask, reg, out = args.apply
-    _setup_logging(Path(args.log) if args.log else None, args.verbose)
-    img = io.load_volume(vol)
-    mask_img = io.load_volume(facemask)
-    if Path(out).resolve() == Path(vol).resolve():
-        raise io.InputError(f"{out}: the output would overwrite the input")
+    vol, facemask, out = Path(args.apply[0]), Path(args.apply[1]), Path(args.apply[3])
+    reg = args.apply[2]
+    reads = [vol, facemask, report.sidecar_path(vol)]
+    reads += ([] if reg == "regheader" else [Path(reg)]) + (
+        [Path(args.xmask)] if args.xmask else []
+    )
+    publisher = io.Publisher(reads, force=args.force)
+    if not io.split_suffix(out)[1]:
+        raise io.OutputError(f"{out}: unknown volume format; end it with .nii.gz, .nii or .mgz")
+    sidecar = report.is_bids_name(vol)
+    publisher.check_all([out] + ([report.sidecar_path(out)] if sidecar else []))
+    img = io.load_volume(vol, max_gb=args.max_gb)
+    mask_img = io.load_volume(facemask, max_gb=args.max_gb)
     if reg == "regheader":
         matrix = None
+    elif reg.endswith(".txt"):
+        matrix = io.load_matrix(reg)
     elif not Path(reg).is_file():
         raise io.InputError(f"{reg}: registration file not found")
-    elif reg.endswith(".txt"):
-        matrix = np.loadtxt(reg).reshape(4, 4)
     else:
         matrix = register.ants_transform_to_ras(reg)
     xmask = np.asarray(io.load_volume(args.xmask).dataobj) if args.xmask else None
-    fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
-    data, _, stats = apply.apply_face_mask(
-        io.stored_data(img),
-        img.affine,
-        np.asarray(mask_img.dataobj),
-        mask_img.affine,
-        target_to_mask=matrix,
-        xmask=xmask,
-        seed=args.seed,
-        fill_const=io.to_stored(img, fill_const) if fill_const else None,
-        stat_frame=args.statframe,
-    )
-    io.save_atomic(io.like(img, data, descrip=io.defaced_descrip()), out)
-    if report.is_bids_name(vol):
-        report.write_sidecar(out, options=_options(args), face_mask_path=facemask, source_path=vol)
+    with io.locked(out, "output"):
+        _setup_logging(Path(args.log) if args.log else None, args.verbose)
+        fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
+        data, _, stats = apply.apply_face_mask(
+            io.stored_data(img),
+            img.affine,
+            np.asarray(mask_img.dataobj),
+            mask_img.affine,
+            target_to_mask=matrix,
+            xmask=xmask,
+            seed=args.seed,
+            fill_const=io.to_stored(img, fill_const) if fill_const else None,
+            stat_frame=args.statframe,
+        )
+        try:
+            publisher.save_volume(io.like(img, data, descrip=io.defaced_descrip()), out)
+            if sidecar:
+                text = report.sidecar_text(
+                    out, options=_options(args), face_mask_path=facemask, source_path=vol
+                )
+                publisher.write_text(text, report.sidecar_path(out))
+        except BaseException:
+            publisher.rollback()
+            raise
     LOGGER.info("applied %s to %s -> %s (%d face voxels)", facemask, vol, out, stats.n1)
     return 0
 
 
-def run(args) -> int:
+def _run_workflow(args, in_file: Path, work: Path) -> dict:
+    """Build and run the defacing workflow in ``work``; return its outputs."""
     from nipype import config
 
-    from mideface_nipype import io
     from mideface_nipype.workflows import init_mideface_wf, workflow_outputs
 
-    in_file = Path(args.i)
-    out, odir, suffix = _resolve_outputs(args, in_file)
-    if args.pics and odir is None:
-        raise io.InputError("--pics needs --odir DIR: the pictures and report.html go there")
-    log_file = Path(args.log) if args.log else (odir / "log" / "mideface.log" if odir else None)
-    _setup_logging(log_file, args.verbose)
-    LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
-    for path in [in_file, *args.apply_to]:
-        io.load_volume(path)  # fail early, with the file named, before any work
-    if args.xmask:
-        xmask_img = io.load_volume(args.xmask) if Path(args.xmask).exists() else None
-        if xmask_img is None:
-            raise io.InputError(f"{args.xmask}: file not found")
     fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
     ripple = args.ripple is not None
     workflow = init_mideface_wf(
@@ -393,8 +494,7 @@ def run(args) -> int:
         regheader=args.regheader,
         pics=args.pics,
     )
-    options = _options(args)
-    workflow.get_node("report").inputs.options = options
+    workflow.get_node("report").inputs.options = _options(args)
     workflow.get_node("deface").inputs.stat_frame = args.statframe
     if ripple and args.ripple:
         workflow.get_node("bracket").inputs.ripple_amp_mm = args.ripple[0]
@@ -405,87 +505,129 @@ def run(args) -> int:
         workflow.inputs.inputnode.xmask = str(Path(args.xmask).resolve())
     if args.init_reg:
         workflow.inputs.inputnode.init_transform = str(Path(args.init_reg).resolve())
-
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mideface-"))
     workflow.base_dir = str(work.resolve())
     config.set("execution", "crashdump_dir", str(work.resolve()))
-    start = time.perf_counter()
-    try:
-        plugin = "MultiProc" if args.threads > 1 else "Linear"
-        plugin_args = {"n_procs": args.threads} if args.threads > 1 else {}
-        graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
-        outputs = workflow_outputs(workflow, graph)
-        _publish(outputs["out_file"], out)
+    plugin = "MultiProc" if args.threads > 1 else "Linear"
+    plugin_args = {"n_procs": args.threads} if args.threads > 1 else {}
+    graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
+    return workflow_outputs(workflow, graph)
+
+
+def _publish_outputs(publisher, args, outputs: dict, in_file: Path, out, odir, suffix) -> None:
+    """Every file of the run, through ``publisher``; the ``--odir`` files appear together."""
+    from mideface_nipype import report
+
+    with publisher.staged(odir):
+        publisher.copy(outputs["out_file"], out)
         if args.facemask:
-            _publish(outputs["face_mask"], Path(args.facemask))
+            publisher.copy(outputs["face_mask"], Path(args.facemask))
         for other, defaced in zip(args.apply_to, outputs.get("other_out_files") or [], strict=True):
-            _publish(defaced, out.parent / _defaced_name(other))
+            publisher.copy(defaced, out.parent / _defaced_name(other))
         if odir is not None:
-            extra = {
-                f"face.mask{suffix}": outputs["face_mask"],
-                f"head.mask{suffix}": outputs["head_mask"],
-                f"exclusion.mask{suffix}": outputs["exclusion_mask"],
-                "subject_to_atlas.txt": outputs["transform"],
-                "subject_to_atlas.mat": outputs["itk_transform"],
-                "template.surf.gii": outputs["surface"],
-                "distances.json": outputs["distances"],
-                "stats.json": outputs["stats"],
-            }
+            names = dict(ODIR_FILES)
             if outputs.get("segmentation"):
-                extra[f"seg{suffix}"] = outputs["segmentation"]
-                extra["segmentation.png"] = outputs["segmentation_report"]
-            extra["report.html"] = outputs["report"]
+                names.update(SEGMENT_FILES)
             if args.pics:
-                extra.update({Path(src).name: src for src in outputs["pictures"]})
-                extra["head.surf.gii"] = outputs["head_surface"]
-                extra["head.defaced.surf.gii"] = outputs["defaced_surface"]
-                extra["dist-to-face.func.gii"] = outputs["dist_to_face"]
-            for name, src in extra.items():
-                _publish(src, odir / name)
-        _write_sidecars(args, in_file, out, odir, suffix, options)
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    LOGGER.info("done in %.1f s: %s", time.perf_counter() - start, out)
+                names.update(PICS_FILES)
+                for picture in outputs["pictures"]:
+                    publisher.copy(picture, odir / Path(picture).name)
+            for name, key in names.items():
+                publisher.copy(outputs[key], odir / name.format(s=suffix))
+        if args.facemask:
+            face_mask = Path(args.facemask)
+        else:
+            face_mask = odir / f"face.mask{suffix}" if odir is not None else None
+        for source, defaced in _sidecar_pairs(args, in_file, out):
+            text = report.sidecar_text(
+                defaced, options=_options(args), face_mask_path=face_mask, source_path=source
+            )
+            publisher.write_text(text, report.sidecar_path(defaced))
+
+
+def run(args) -> int:
+    from mideface_nipype import io
+
+    in_file = Path(args.i)
+    out, odir, suffix = _resolve_outputs(args, in_file)
+    if args.pics and odir is None:
+        raise io.InputError("--pics needs --odir DIR: the pictures and report.html go there")
+    publisher = io.Publisher(_validate_inputs(args), force=args.force)
+    publisher.check_all(_planned_outputs(args, in_file, out, odir, suffix))
+    log_file = Path(args.log) if args.log else (odir / "log" / "mideface.log" if odir else None)
+    if log_file is not None:
+        publisher.refuse_reads(log_file)
+    work = Path(args.work_dir) if args.work_dir else None
+    with (
+        io.maybe_locked(work, "work folder"),
+        io.locked(odir if odir is not None else out, "output folder" if odir else "output"),
+    ):
+        _setup_logging(log_file, args.verbose)
+        LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
+        if args.o and odir is not None and not args.odir:
+            LOGGER.info("--o %s has no volume suffix: it is the output folder", args.o)
+        start = time.perf_counter()
+        scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
+        try:
+            outputs = _run_workflow(args, in_file, scratch)
+            _publish_outputs(publisher, args, outputs, in_file, out, odir, suffix)
+        except BaseException:
+            publisher.rollback()
+            raise
+        finally:
+            if work is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        LOGGER.info("done in %.1f s: %s", time.perf_counter() - start, out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.check:
-        try:
-            return run_check(args.check)
-        except Exception as err:  # noqa: BLE001 - one clear line for any failure
-            print(f"mideface: error: {_error_line(err)}", file=sys.stderr)
-            return 1
-    if args.apply:
-        try:
-            return run_apply(args)
-        except Exception as err:  # noqa: BLE001 - one clear line for any failure
-            print(f"mideface: error: {_error_line(err)}", file=sys.stderr)
-            return 1
     if args.demo:
         sample = resources.files("mideface_nipype.data") / DEMO_FILE
         args.i = str(sample)
         args.odir = args.demo
         args.o = None
-    if not args.i:
+    command = run_check if args.check else run_apply if args.apply else run
+    if command is run and not args.i:
         parser.print_usage(sys.stderr)
         print("mideface: error: --i (or --demo or --check) is required", file=sys.stderr)
         return 1
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed job removes its outputs too
+    _SIGNALLED.clear()
     try:
-        return run(args)
+        return command(args)
     except KeyboardInterrupt:
-        print("mideface: interrupted; no output written", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as err:  # noqa: BLE001 - one clear line for any failure
+        if _SIGNALLED:  # Nipype reports the interrupt of a node as its crash
+            return _interrupted()
         message = _error_line(err)
-        if args.i not in message:
+        if command is run and args.i not in message:
             message = f"{args.i}: {message}"
         LOGGER.debug("failure", exc_info=True)
+        _log_error(message)
         print(f"mideface: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _close_logging()
+
+
+#: The signal that stopped this run, if any.
+_SIGNALLED: list[str] = []
+
+
+def _interrupt(signum: int, _frame) -> None:
+    """SIGTERM (a job scheduler's kill) as Ctrl-C: the run removes what it wrote, then exits."""
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_SIGNALLED[-1])
+
+
+def _interrupted() -> int:
+    _log_error("interrupted; no output written")
+    print("mideface: interrupted; no output written", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
+from io import BytesIO
 from pathlib import Path
 
 import nibabel as nib
@@ -46,9 +45,21 @@ DEFAULT_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atl
 def defacer_command(method: str, head: Path, out: Path, brain_mask: Path) -> list[str]:
     """The whole process that defaces ``head`` into ``out`` with ``method``."""
     if method == "mideface":
-        return [sys.executable, "-m", "mideface_nipype.cli", "--i", str(head), "--o", str(out)]
+        cli = [sys.executable, "-m", "mideface_nipype.cli", "--force"]
+        return [*cli, "--i", str(head), "--o", str(out)]
     cmd = [sys.executable, "-m", "mideface_nipype.evaluate_peers", method, str(head), str(out)]
     return [*cmd, "--brain-mask", str(brain_mask)] if method == "quickshear" else cmd
+
+
+def head_outputs(head: Path, out_dir: Path, methods: tuple[str, ...]) -> dict[str, Path]:
+    """The files mideface-eval writes for one head: brain mask, cache, one defaced per method."""
+    stem = _stem(head)
+    files = {
+        "brain": out_dir / "brain" / f"{stem}.nii.gz",
+        "json": out_dir / "subjects" / f"{stem}.json",
+        "npz": out_dir / "subjects" / f"{stem}.npz",
+    }
+    return files | {method: out_dir / "defaced" / method / f"{stem}.nii.gz" for method in methods}
 
 
 def _stem(head: Path) -> str:
@@ -75,25 +86,30 @@ def _pack(prefix: str, faces: dict, depth: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def evaluate_head(
-    head: Path, out_dir: Path, methods: tuple[str, ...], sources: Path, tissue: bool
+    head: Path,
+    out_dir: Path,
+    methods: tuple[str, ...],
+    sources: Path,
+    tissue: bool,
+    publisher: io.Publisher,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """All measurements of one head: a JSON-able record and the arrays (descriptors, depth)."""
+    """All measurements of one head: a JSON-able record and the arrays (descriptors, depth).
+
+    Files go through ``publisher`` (never onto an input); the defacers' outputs are checked by
+    it before each defacer runs."""
     img = io.load_volume(head)
     data = io.first_frame(img)
     to_atlas = evaluate.align_to_atlas(img)
     brain = evaluate.independent_brain_mask(img, sources)
-    brain_file = io.save_atomic(
-        io.mask_image(brain, img), out_dir / "brain" / f"{_stem(head)}.nii.gz"
-    )
+    files = head_outputs(head, out_dir, methods)
+    brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = evaluate.render_views(data, img.affine, to_atlas)
     arrays = _pack("intact", _faces(views), views[evaluate.GALLERY_YAW_DEG].depth)
     record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "methods": {}}
     before = evaluate.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
     for method in methods:
-        out = out_dir / "defaced" / method / f"{_stem(head)}.nii.gz"
-        if out.resolve() == head.resolve():
-            raise ValueError(f"{head}: the output folder holds the inputs; choose another --out")
+        out = publisher.check(files[method])
         entry: dict = {}
         record["methods"][method] = entry
         try:
@@ -322,49 +338,58 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     heads = [p for h in args.heads for p in (sorted(h.glob("*.nii*")) if h.is_dir() else [h])]
     methods = tuple(args.methods)
+    sources = [args.sources / name for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE)]
+    # the per-subject files are a cache that a rerun reuses or replaces (force), so they stay
+    # when a later head fails; results.json and .md appear only from a complete run
+    cache = io.Publisher([*heads, *sources], force=True)
+    results = io.Publisher([*heads, *sources], force=True)
     try:
-        for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE):
-            if not (args.sources / name).is_file():
-                raise io.InputError(f"{args.sources / name}: file not found (see --sources)")
+        for source in sources:
+            if not source.is_file():
+                raise io.InputError(f"{source}: file not found (see --sources)")
         for head in heads:
             io.load_volume(head)  # fail early, naming the file
-        records, arrays = [], []
-        for head in heads:
-            stem = _stem(head)
-            cache_json = args.out / "subjects" / f"{stem}.json"
-            cache_npz = args.out / "subjects" / f"{stem}.npz"
-            cached = json.loads(cache_json.read_text()) if cache_json.is_file() else None
-            if cached and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
-                record, arr = cached, dict(np.load(cache_npz))
-            else:
-                record, arr = evaluate_head(head, args.out, methods, args.sources, args.tissue)
-                _save_npz(arr, cache_npz)
-                io.write_text_atomic(json.dumps(record, indent=1), cache_json)
-            records.append(record)
-            arrays.append(arr)
-            print(f"{head.name}: done", flush=True)
-        summary = summarise(records, arrays, methods)
-        table = markdown_table(summary)
-        io.write_text_atomic(json.dumps(summary, indent=1), args.out / "results.json")
-        io.write_text_atomic(table, args.out / "results.md")
+        planned = [f for head in heads for f in head_outputs(head, args.out, methods).values()]
+        results.check_all([*planned, args.out / "results.json", args.out / "results.md"])
+        with io.locked(args.out, "output folder"):
+            table = _evaluate(args, heads, methods, cache, results)
     except Exception as err:  # noqa: BLE001 - one clear line for any failure
+        results.rollback()
         print(f"mideface-eval: error: {err}", file=sys.stderr)
         return 1
     print(table)
     return 0
 
 
-def _save_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """Write arrays atomically (temp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _evaluate(args, heads: list[Path], methods: tuple[str, ...], cache, results) -> str:
+    """Evaluate every head (reusing cached subjects), publish the results; return the table."""
+    records, arrays = [], []
+    for head in heads:
+        files = head_outputs(head, args.out, methods)
+        cache_json, cache_npz = files["json"], files["npz"]
+        cached = json.loads(cache_json.read_text()) if cache_json.is_file() else None
+        if cached and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
+            record, arr = cached, dict(np.load(cache_npz))
+        else:
+            record, arr = evaluate_head(head, args.out, methods, args.sources, args.tissue, cache)
+            cache.write_bytes(_npz_bytes(arr), cache_npz)
+            cache.write_text(json.dumps(record, indent=1), cache_json)
+        records.append(record)
+        arrays.append(arr)
+        print(f"{head.name}: done", flush=True)
+    summary = summarise(records, arrays, methods)
+    table = markdown_table(summary)
+    with results.staged(args.out):
+        results.write_text(json.dumps(summary, indent=1), args.out / "results.json")
+        results.write_text(table, args.out / "results.md")
+    return table
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The compressed .npz file of ``arrays``, to publish."""
+    buffer = BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""Reading and writing volumes: validation with clear errors, raw dtypes kept, atomic writes.
+"""Reading and writing volumes: validation with clear errors, raw dtypes kept, safe publishing.
 
 Defaced outputs must leave every untouched voxel bit for bit as it was, so the engine works on the
 *stored* (unscaled) values and writes them back with the input's header, scaling and dtype.
+Every file a command writes goes through a ``Publisher``: it never writes onto a file the run
+reads, writes to a temp name + fsync + rename, gives the umask's mode and, when the run fails,
+removes whatever the run wrote.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import shutil
+import stat
 import tempfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import nibabel as nib
@@ -28,10 +33,25 @@ MIN_AXIS_VOXELS = 4
 VOXEL_MM_RANGE = (0.01, 20.0)
 #: A field of view farther than this (mm) from the scanner origin means a broken header.
 MAX_OFFSET_MM = 10_000.0
+#: Default memory budget (GB) of a run: a bigger volume is refused from its header (--max-gb).
+DEFAULT_MAX_GB = 8.0
+#: Whole-volume float32 arrays a run holds at its peak (working copies, masks, distance maps,
+#: noise, resampled grids): the header's voxel count times 4 bytes times this estimates its
+#: memory. Measured peak RSS: 0.72 GB for 120x120x90 voxels, 1.16 GB for 181x217x181, i.e.
+#: 75 bytes (19 float32) per voxel above a fixed 0.6 GB.
+WORK_COPIES = 20
+
+
+#: Name start of the hidden folder where ``Publisher.staged`` files wait.
+STAGING_PREFIX = ".mideface-staging."
 
 
 class InputError(ValueError):
     """An input file that cannot be defaced; the message names the file and the problem."""
+
+
+class OutputError(InputError):
+    """An output that must not or cannot be written; the message names the file and the problem."""
 
 
 def split_suffix(path: str | Path) -> tuple[str, str]:
@@ -43,14 +63,17 @@ def split_suffix(path: str | Path) -> tuple[str, str]:
     return name, ""
 
 
-def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
-    """Load and validate a 3-D or 4-D volume; raise ``InputError`` naming the file and problem."""
+def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatialimages.SpatialImage:
+    """Load and validate a 3-D or 4-D volume; raise ``InputError`` naming the file and problem.
+
+    The header is checked first (shape, affine and, with ``max_gb``, the memory the run would
+    need), so an absurd header is refused before its voxel data are read.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a volume file")
-    _check_gzip(path)
     try:
         img = nib.load(path)
     except (
@@ -61,6 +84,7 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
         ValueError,
         zlib.error,
     ) as err:
+        _check_gzip(path)
         reason = " ".join(str(err).split())
         raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({reason})") from err
     if not isinstance(img, nib.spatialimages.SpatialImage):
@@ -89,6 +113,9 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
             f"{path}: has an absurd affine: the field of view is centred "
             f"{np.abs(centre_mm).max():.3g} mm from the scanner origin"
         )
+    if max_gb is not None:
+        check_size(img, path, max_gb)
+    _check_gzip(path)
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
@@ -102,7 +129,63 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
             raise InputError(f"{path}: contains {bad} NaN or infinite voxels")
     if data.size == 0 or np.ptp(data) == 0:
         raise InputError(f"{path}: is empty (every voxel has the same value)")
+    _check_scaling(img, data, path)
     return img
+
+
+def load_matrix(path: str | Path) -> np.ndarray:
+    """A 4x4 affine from a text file (``--init-reg``, ``--apply`` REG); ``InputError`` if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        matrix = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())
+        raise InputError(f"{path}: is not a text 4x4 matrix ({reason})") from err
+    if matrix.size != 16:
+        raise InputError(f"{path}: has {matrix.size} numbers; a 4x4 matrix (16) is needed")
+    matrix = matrix.reshape(4, 4)
+    if (
+        not np.all(np.isfinite(matrix))
+        or not np.allclose(matrix[3], (0, 0, 0, 1))
+        or abs(np.linalg.det(matrix[:3, :3])) < 1e-6
+    ):
+        raise InputError(f"{path}: is not an invertible affine 4x4 matrix (last row 0 0 0 1)")
+    return matrix
+
+
+def needed_gb(shape: tuple[int, ...]) -> float:
+    """The memory (GB) a run on a volume of ``shape`` needs: ``WORK_COPIES`` float32 volumes."""
+    return float(np.prod(shape[:3], dtype=np.float64)) * 4 * WORK_COPIES / 1e9
+
+
+def check_size(img: nib.spatialimages.SpatialImage, path: str | Path, max_gb: float) -> None:
+    """Refuse, from the header alone, a volume whose run would need more than ``max_gb``."""
+    frames = float(np.prod(img.shape[3:], dtype=np.float64)) if len(img.shape) > 3 else 1.0
+    raw_gb = float(np.prod(img.shape[:3], dtype=np.float64)) * frames * 8 / 1e9  # in + out
+    gb = needed_gb(img.shape) + raw_gb
+    if gb > max_gb:
+        raise InputError(
+            f"{path}: its header claims {'x'.join(str(n) for n in img.shape)} voxels, which "
+            f"needs about {gb:.3g} GB of memory (more than --max-gb {max_gb:g})"
+        )
+
+
+def _check_scaling(img: nib.spatialimages.SpatialImage, data: np.ndarray, path: Path) -> None:
+    """Refuse a scl_slope/scl_inter that turns stored values into infinities in float32."""
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if slope == 1.0 and inter == 0.0:
+        return
+    extreme = float(max(abs(float(data.min())), abs(float(data.max()))))
+    biggest = abs(slope) * extreme + abs(inter)
+    finite = np.isfinite(slope) and np.isfinite(inter)
+    if not finite or biggest > float(np.finfo(np.float32).max):
+        raise InputError(
+            f"{path}: the scaling (scl_slope {slope:g}, scl_inter {inter:g}) overflows float32: "
+            f"stored values up to {extreme:g} become {biggest:.3g}; fix the header's scaling"
+        )
 
 
 def _check_gzip(path: Path) -> None:
@@ -184,26 +267,85 @@ def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
     return path
 
 
+#: The voxel types an MGH file can hold, smallest first.
+MGH_DTYPES = (np.uint8, np.int16, np.int32, np.float32)
+
+
 def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
-    """MGH keeps no scaling and only uint8/int16/int32/float32: apply the scaling where needed."""
-    data = np.asanyarray(img.dataobj)
-    slope, inter = (
-        img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (1, 0)
-    )
-    if (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
-        data = data * np.float32(slope or 1.0) + np.float32(inter or 0.0)
-    if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
-        ok_int = np.issubdtype(data.dtype, np.integer) and np.can_cast(data.dtype, np.int32)
-        data = data.astype(np.int32 if ok_int else np.float32)
+    """The volume as MGH, which keeps no scaling and only the ``MGH_DTYPES``.
+
+    Unscaled data keep their dtype where MGH can store it (else int32 or float32). Scaled data
+    become their real values: the smallest MGH integer type when the scaling gives integers in
+    its range, else float32. A provenance code in the stored values is embedded again in the
+    converted values, so ``--check`` still finds it.
+    """
+    from mideface_nipype import fill
+
+    stored = stored_data(img)
+    slope, inter = _scaling(img)
+    data = stored
+    if (slope, inter) != (1.0, 0.0):
+        if float(slope).is_integer() and float(inter).is_integer() and stored.dtype.kind in "iu":
+            data = stored.astype(np.int64) * int(slope) + int(inter)
+        else:
+            data = stored * np.float32(slope) + np.float32(inter)
+    if data.dtype not in MGH_DTYPES:
+        data = data.astype(_smallest_mgh_dtype(data))
+    if data is not stored and fill.check_code(stored) and not fill.check_code(data):
+        data = fill.embed_code(data)
     return nib.MGHImage(data, img.affine)
 
 
+def _scaling(img: nib.spatialimages.SpatialImage) -> tuple[float, float]:
+    """(slope, inter) of an image: in its header when built in memory, else on its proxy
+    (nibabel moves a loaded file's scaling from the header to ``dataobj``)."""
+    header = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None,)
+    if header[0] is not None:
+        slope, inter = header[0], header[1] if header[1] is not None else 0.0
+    else:
+        slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    slope = 1.0 if not np.isfinite(slope) or slope == 0 else float(slope)
+    return slope, float(inter) if np.isfinite(inter) else 0.0
+
+
+def _smallest_mgh_dtype(data: np.ndarray) -> type:
+    """The smallest MGH type that holds integer ``data`` exactly; float32 otherwise."""
+    if data.dtype.kind in "iu" and data.size:
+        low, high = int(data.min()), int(data.max())
+        for dtype in MGH_DTYPES[:-1]:
+            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+                return dtype
+    return np.float32
+
+
+def umask_mode() -> int:
+    """The mode a new file gets under the user's umask (``0o666 & ~umask``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[str]:
+def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) -> Iterator[str]:
     """A temporary name beside ``path`` to write to; renamed to ``path`` only on success.
 
     ``path`` thus either holds a complete file or is untouched, also when the process is killed
     (a killed write leaves only a hidden ``.<name>.*`` file, which ``remove_stale_temps`` clears).
+    The file is fsynced before the rename and gets ``mode`` (default: what the umask implies).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +353,10 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode() if mode is None else mode)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -224,15 +369,214 @@ def remove_stale_temps(path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def write_text_atomic(text: str, path: str | Path) -> Path:
+def write_text_atomic(text: str, path: str | Path, *, mode: int | None = None) -> Path:
     """Write a text file atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=mode) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
 
 
-def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+def copy_atomic(src: str | Path, dst: str | Path, *, mode: int | None = None) -> Path:
     """Copy ``src`` to ``dst`` so that ``dst`` is either complete or untouched."""
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, mode=mode) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file (following symlinks), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+class Publisher:
+    """Publishes a run's files safely: never onto a file the run reads; all or nothing.
+
+    Each file goes to a temp name in its target folder, is fsynced and renamed; with ``staged``
+    the files of a folder wait in a hidden staging folder and appear together at its end.
+    ``rollback`` (on a failed run) removes every file this publisher wrote.
+    """
+
+    def __init__(self, reads: Iterable[str | Path], *, force: bool = False) -> None:
+        self.force = force
+        self._read_paths: dict[Path, Path] = {}
+        self._read_ids: dict[tuple[int, int], Path] = {}
+        self._written: list[Path] = []
+        self._claimed: set[Path] = set()
+        self._stage: tuple[Path, Path] | None = None  # (final folder, staging folder)
+        self._pending: list[tuple[Path, Path]] = []  # (staged file, final path)
+        self.add_reads(reads)
+
+    @property
+    def written(self) -> list[Path]:
+        """The final paths this publisher has written, in order."""
+        return list(self._written)
+
+    def add_reads(self, paths: Iterable[str | Path]) -> None:
+        """More files the run reads (they are never written to)."""
+        for path in paths:
+            path = Path(path)
+            self._read_paths[path.resolve()] = path
+            file_id = _file_id(path)
+            if file_id is not None:
+                self._read_ids[file_id] = path
+
+    def refuse_reads(self, dst: str | Path) -> Path:
+        """``dst`` unless it is (by path or inode) a file the run reads: ``OutputError``."""
+        dst = Path(dst)
+        read = self._read_paths.get(dst.resolve()) or self._read_ids.get(_file_id(dst) or (-1, -1))
+        if read is not None:
+            same = "" if str(read) == str(dst) else f" ({read}, the same file)"
+            raise OutputError(f"{dst}: the output would overwrite the input{same}; not written")
+        return dst
+
+    def check(self, dst: str | Path) -> Path:
+        """``dst`` if this run may write it, else raise ``OutputError`` naming it and why."""
+        dst = self.refuse_reads(dst)
+        if dst.is_dir():
+            raise OutputError(f"{dst}: is a folder, not a file the output can be written to")
+        folder = dst.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputError(f"{dst}: cannot be written: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{dst}: the output folder {folder} is not writable")
+        if dst.resolve() in self._claimed:
+            raise OutputError(f"{dst}: two outputs of this run have this name")
+        if os.path.lexists(dst) and not self.force:
+            raise OutputError(f"{dst}: already exists; give --force to overwrite it")
+        return dst
+
+    def check_all(self, paths: Iterable[str | Path]) -> list[Path]:
+        """Check every planned output before any work, also that no two of them coincide."""
+        checked = []
+        for path in paths:
+            checked.append(self.check(path))
+            self._claimed.add(Path(path).resolve())
+        self._claimed.clear()
+        return checked
+
+    def save_volume(
+        self, img: nib.spatialimages.SpatialImage, dst: str | Path, *, mode: int | None = None
+    ) -> Path:
+        """Write a volume (converted to MGH for ``.mgz``/``.mgh``) at ``dst``."""
+        _, suffix = split_suffix(dst)
+        if not suffix:
+            raise OutputError(
+                f"{dst}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}"
+            )
+        if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
+            img = _to_mgh(img)
+        return self._publish(dst, mode, suffix, lambda tmp: nib.save(img, tmp))
+
+    def write_text(self, text: str, dst: str | Path, *, mode: int | None = None) -> Path:
+        """Write a text file at ``dst``."""
+        return self._publish(dst, mode, "", lambda tmp: Path(tmp).write_text(text))
+
+    def write_bytes(self, data: bytes, dst: str | Path, *, mode: int | None = None) -> Path:
+        """Write a binary file at ``dst``."""
+        return self._publish(dst, mode, "", lambda tmp: Path(tmp).write_bytes(data))
+
+    def copy(self, src: str | Path, dst: str | Path, *, mode: int | None = None) -> Path:
+        """Copy ``src`` to ``dst`` (converting the volume format when the suffixes differ)."""
+        self.add_reads([src])
+        src_suffix, dst_suffix = split_suffix(src)[1], split_suffix(dst)[1]
+        if dst_suffix and src_suffix != dst_suffix:
+            return self.save_volume(nib.load(src), dst, mode=mode)
+        return self._publish(dst, mode, "", lambda tmp: shutil.copyfile(src, tmp))
+
+    @contextmanager
+    def staged(self, folder: str | Path | None) -> Iterator[None]:
+        """Files written under ``folder`` in this block appear there together at its end.
+
+        They wait, complete and fsynced, in a hidden folder inside ``folder``; a failure in the
+        block removes that folder, so none of them appears. The caller holds ``locked(folder)``,
+        so staging folders left there by a killed run are removed.
+        """
+        if folder is None:
+            yield
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+        self._stage = (folder.resolve(), staging)
+        try:
+            yield
+            self._stage = None
+            for staged_file, final in self._pending:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged_file, final)
+                self._written.append(final)
+            for final_folder in {final.parent for _, final in self._pending}:
+                _fsync(final_folder)
+        finally:
+            self._stage = None
+            self._pending = []
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """Remove every file this publisher wrote (files it replaced are not restored)."""
+        for path in reversed(self._written):
+            path.unlink(missing_ok=True)
+        self._written = []
+
+    def _publish(self, dst: str | Path, mode: int | None, suffix: str, write) -> Path:
+        dst = self.check(dst)
+        self._claimed.add(dst.resolve())
+        target = dst
+        if self._stage is not None and dst.resolve().is_relative_to(self._stage[0]):
+            target = self._stage[1] / dst.resolve().relative_to(self._stage[0])
+        with atomic_path(target, suffix=suffix, mode=mode) as tmp:
+            write(tmp)
+        if target is dst:
+            self._written.append(dst)
+        else:
+            self._pending.append((target, dst))
+        return dst
+
+
+@contextmanager
+def locked(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a folder or file) for this block, or raise at once.
+
+    The lock file is ``.<name>.lock`` beside ``path``; a second run on the same ``path`` gets an
+    ``OutputError`` immediately instead of both runs failing half-way.
+    """
+    path = Path(path)
+    lock_file = path.parent / f".{path.name}.lock"
+    created = [f for f in (lock_file.parent, *lock_file.parent.parents) if not f.exists()]
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(
+                f"{path}: another mideface run is using this {what} (lock {lock_file}); "
+                "wait for it to finish or choose another"
+            ) from None
+        if _file_id(lock_file) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break
+        os.close(fd)  # the holder before us removed the file we locked; lock the new one
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in created:  # the folders made for the lock, if the run left them empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def maybe_locked(path: str | Path | None, what: str):
+    """``locked(path, what)``, or nothing to lock when ``path`` is None."""
+    return nullcontext() if path is None else locked(path, what)

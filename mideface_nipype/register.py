@@ -42,6 +42,9 @@ MIN_HEAD_DICE = 0.75
 #: of every other axis rotation of it about the moving head (``pose_ratio``): right poses of the
 #: real heads score 1.8 to 4.9, heads turned front to back or on their side 0.3 to 0.8.
 MIN_POSE_RATIO = 1.3
+#: Below this pose ratio a turned copy fits clearly better: the refusal says so (above it, up to
+#: ``MIN_POSE_RATIO``, nothing fits: not a whole head, or another contrast).
+TURNED_POSE_RATIO = 0.8
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -289,6 +292,13 @@ class RegistrationError(RuntimeError):
     """The atlas did not land on the head; defacing would cut the wrong place."""
 
 
+#: What a refused registration's message suggests.
+_TRY = (
+    "try --init-reg with a 4x4 subject->atlas matrix near the right pose, or --no-samseg, and "
+    "check that the image is a whole, unmasked head of T1-weighted contrast"
+)
+
+
 def head_dice(
     fixed_mask: np.ndarray,
     fixed_affine: np.ndarray,
@@ -356,17 +366,24 @@ def check_registration(
     dice = head_dice(fixed_mask, fixed_affine, moving_mask, moving_affine, fixed_to_moving)
     if dice < min_head_dice:
         raise RegistrationError(
-            f"after registration the head masks overlap with Dice {dice:.2f} (< {min_head_dice}); "
-            "the registration failed, nothing was defaced"
+            f"after registration the atlas head mask overlaps this head's mask with Dice "
+            f"{dice:.2f} (< {min_head_dice}): the atlas did not land on the head, nothing was "
+            f"defaced; {_TRY}"
         )
     ratio = pose_ratio(
         fixed, fixed_affine, fixed_mask, moving, moving_affine, moving_mask, fixed_to_moving
     )
     if ratio < min_pose_ratio:
+        seen = (
+            "an axis-turned copy of the atlas fits this image clearly better than the registered "
+            "pose (heads turned in their header score 0.3 to 0.8)"
+            if ratio < TURNED_POSE_RATIO
+            else "the registered atlas fits this image no better than axis-turned copies of it "
+            "(a whole T1w head scores 1.8 to 4.9)"
+        )
         raise RegistrationError(
-            f"the registered atlas fits the head no better than turned copies of it (pose ratio "
-            f"{ratio:.2f} < {min_pose_ratio}): the head is probably turned the wrong way; the "
-            "registration failed, nothing was defaced"
+            f"{seen}: pose ratio {ratio:.2f} < {min_pose_ratio}, so the face cannot be placed and "
+            f"nothing was defaced; {_TRY}"
         )
     return dice, ratio
 

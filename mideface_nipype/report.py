@@ -555,12 +555,26 @@ def write_sidecar(
     face_mask_path: str | Path | None = None,
     source_path: str | Path | None = None,
 ) -> Path:
-    """Write the JSON sidecar of a defaced image next to it and return its path.
+    """Write :func:`sidecar_text` next to the defaced image, atomically; return its path."""
+    text = sidecar_text(
+        defaced_path, options=options, face_mask_path=face_mask_path, source_path=source_path
+    )
+    return io.write_text_atomic(text, sidecar_path(defaced_path))
+
+
+def sidecar_text(
+    defaced_path: str | Path,
+    *,
+    options: dict,
+    face_mask_path: str | Path | None = None,
+    source_path: str | Path | None = None,
+) -> str:
+    """The JSON sidecar of a defaced image (for ``sidecar_path(defaced_path)``).
 
     It keeps the acquisition metadata of the source image's own sidecar (``source_path``'s
     ``.json``, if there is one) and of a sidecar already at the target, and adds
     ``Description`` and a ``Defacing`` record: tool, version, options, face-mask file (relative
-    to the sidecar's folder when it is beneath it) and source image. Written atomically.
+    to the sidecar's folder when it is beneath it) and source image.
     """
     target = sidecar_path(defaced_path)
     meta: dict = {}
@@ -579,4 +593,4 @@ def write_sidecar(
         record["Source"] = str(Path(source_path).resolve())
     meta["Description"] = f"defaced by mideface-nipype {__version__} (MiDeFace)"
     meta["Defacing"] = record
-    return io.write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", target)
+    return json.dumps(meta, indent=2, default=str) + "\n"
