@@ -73,7 +73,7 @@ def _number(kind: type, low: float, *, inclusive: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import bracket, fill, io, workflows
+    from mideface_nipype import bracket, exclusion, fill, io
 
     p = _Parser(
         prog="mideface",
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     prot = p.add_argument_group("protection")
-    samseg_default = workflows.DEFAULT_XMASK_SOURCE == "segment"
+    samseg_default = exclusion.DEFAULT_XMASK_SOURCE == "segment"
     prot.add_argument(
         "--samseg",
         dest="samseg",
@@ -475,42 +475,33 @@ def run_apply(args) -> int:
 
 
 def _run_workflow(args, in_file: Path, work: Path) -> dict:
-    """Build and run the defacing workflow in ``work``; return its outputs."""
-    from nipype import config
-
-    from mideface_nipype.workflows import init_mideface_wf, workflow_outputs
+    """Run the defacing graph (the one ``mideface_nipype.deface`` runs) in ``work``."""
+    from mideface_nipype.workflows import run_mideface_wf
 
     fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
-    ripple = args.ripple is not None
-    workflow = init_mideface_wf(
+    ripple = {}
+    if args.ripple:
+        ripple = dict(zip(("ripple_amp_mm", "ripple_period_mm"), args.ripple, strict=False))
+    return run_mideface_wf(
+        in_file,
+        work,
+        xmask=args.xmask,
+        init_transform=args.init_reg,
+        n_procs=args.threads,
         xmask_source="user" if args.xmask else ("segment" if args.samseg else "atlas"),
         ears=args.ears,
         forehead=args.forehead,
         back_of_head=args.back_of_head,
-        ripple=ripple,
+        ripple=args.ripple is not None,
+        **ripple,
         seed=args.seed,
         fill_const=tuple(fill_const) if fill_const else None,
+        stat_frame=args.statframe,
         other_contrasts=[str(Path(f).resolve()) for f in args.apply_to],
         regheader=args.regheader,
         pics=args.pics,
+        report_options=_options(args),
     )
-    workflow.get_node("report").inputs.options = _options(args)
-    workflow.get_node("deface").inputs.stat_frame = args.statframe
-    if ripple and args.ripple:
-        workflow.get_node("bracket").inputs.ripple_amp_mm = args.ripple[0]
-        if len(args.ripple) > 1:
-            workflow.get_node("bracket").inputs.ripple_period_mm = args.ripple[1]
-    workflow.inputs.inputnode.in_file = str(in_file.resolve())
-    if args.xmask:
-        workflow.inputs.inputnode.xmask = str(Path(args.xmask).resolve())
-    if args.init_reg:
-        workflow.inputs.inputnode.init_transform = str(Path(args.init_reg).resolve())
-    workflow.base_dir = str(work.resolve())
-    config.set("execution", "crashdump_dir", str(work.resolve()))
-    plugin = "MultiProc" if args.threads > 1 else "Linear"
-    plugin_args = {"n_procs": args.threads} if args.threads > 1 else {}
-    graph = workflow.run(plugin=plugin, plugin_args=plugin_args)
-    return workflow_outputs(workflow, graph)
 
 
 def _publish_outputs(publisher, args, outputs: dict, in_file: Path, out, odir, suffix) -> None:
@@ -577,6 +568,8 @@ def run(args) -> int:
             if work is None:
                 shutil.rmtree(scratch, ignore_errors=True)
         LOGGER.info("done in %.1f s: %s", time.perf_counter() - start, out)
+    if odir is not None:
+        print(f"mideface: open {(odir / 'report.html').resolve()} to see what was done")
     return 0
 
 

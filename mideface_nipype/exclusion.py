@@ -14,6 +14,10 @@ from scipy import ndimage as ndi
 from mideface_nipype.atlas import Atlas
 from mideface_nipype.register import resample
 
+#: Where the exclusion mask comes from: the SAMSEG-style segmentation (brain, skull, eyes), the
+#: atlas priors alone (brain and eyes; ``--no-samseg``), or a file the user gives.
+XMASK_SOURCES = ("segment", "atlas", "user")
+DEFAULT_XMASK_SOURCE = "segment"
 #: Dilations (26-neighbourhood, in voxels of the subject grid) applied to the protected labels.
 XMASK_DILATE_VOX = 1
 #: Atlas classes protected by the fallback mask, and the probability above which a voxel counts.

@@ -8,6 +8,7 @@ from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
 from mideface_nipype.bracket import RIPPLE_AMP_MM, RIPPLE_PERIOD_MM
+from mideface_nipype.exclusion import DEFAULT_XMASK_SOURCE, XMASK_SOURCES
 from mideface_nipype.fill import DEFAULT_SEED, STAT_FRAME
 from mideface_nipype.interfaces import (
     ApplyFaceMask,
@@ -23,11 +24,6 @@ from mideface_nipype.interfaces import (
     Report,
     Segment,
 )
-
-#: Where the exclusion mask comes from: the SAMSEG-style segmentation (brain, skull, eyes), the
-#: atlas priors alone (brain and eyes; ``--no-samseg``), or a file the user gives.
-XMASK_SOURCES = ("segment", "atlas", "user")
-DEFAULT_XMASK_SOURCE = "segment"
 
 OUTPUT_FIELDS = [
     "out_file",
