@@ -38,6 +38,21 @@ def test_help_explains_the_options():
     assert "exclusion mask" in proc.stdout
 
 
+def test_help_loads_neither_nipype_nor_ants():
+    """``--help`` answers at once: the heavy libraries load only when a run needs them."""
+    code = (
+        "import sys\n"
+        "from mideface_nipype import cli\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('nipype', 'ants') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("[]"), proc.stdout
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
