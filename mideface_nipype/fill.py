@@ -12,7 +12,9 @@ been reoriented.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -208,8 +210,52 @@ def fill_face(
 
 
 def code_fits(shape: tuple[int, ...]) -> bool:
-    """Whether :data:`CODE_TAG` fits along the first axis (else the caller should warn)."""
-    return len(shape) >= 3 and shape[0] >= len(CODE_TAG)
+    """Whether :data:`CODE_TAG` fits in the volume (any 3-D grid of at least 20 voxels)."""
+    return len(shape) >= 3 and math.prod(shape[:3]) >= len(CODE_TAG)
+
+
+def _code_axes(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Axis order of the tag: along the first axis if it is long enough (the original layout,
+    so results made before the fallback keep their bytes), else along the first axis that is,
+    else along the longest axis, continued on the next lines (longest axes first)."""
+    n = len(CODE_TAG)
+    long_enough = [a for a in range(3) if shape[a] >= n]
+    first = long_enough[0] if long_enough else int(np.argmax(shape[:3]))
+    rest = sorted((a for a in range(3) if a != first), key=lambda a: -shape[a])
+    return first, rest[0], rest[1]
+
+
+def _code_voxels(shape: tuple[int, ...]) -> np.ndarray:
+    """(20, 3) voxel indices of the tag: the first voxels of the grid read with the
+    :func:`_code_axes` order, first axis fastest, all from the corner (0, 0, 0)."""
+    axes = _code_axes(shape)
+    sizes = [shape[a] for a in axes]
+    k = np.arange(len(CODE_TAG))
+    ordered = np.stack([k % sizes[0], (k // sizes[0]) % sizes[1], k // (sizes[0] * sizes[1])])
+    voxels = np.zeros((3, k.size), np.intp)
+    voxels[list(axes)] = ordered
+    return voxels.T
+
+
+def code_location(shape: tuple[int, ...]) -> dict[str, Any]:
+    """Where :func:`embed_code` puts the tag in a volume of ``shape`` (for ``stats.json``)."""
+    if not code_fits(shape):
+        raise ValueError(f"the provenance code needs at least {len(CODE_TAG)} voxels: {shape}")
+    axes = _code_axes(shape)
+    voxels = _code_voxels(shape)
+    n_lines = -(-len(CODE_TAG) // shape[axes[0]])
+    where = f"along axis {axes[0]} from voxel (0, 0, 0)"
+    if n_lines > 1:
+        where += f", on {n_lines} lines of {shape[axes[0]]} voxels (next along axis {axes[1]}"
+        where += f", then {axes[2]})"
+    return {
+        "tag": CODE_TAG,
+        "axis_order": list(axes),
+        "n_lines": n_lines,
+        "first_voxel": voxels[0].tolist(),
+        "last_voxel": voxels[-1].tolist(),
+        "description": f"{len(CODE_TAG)} voxels {where}, every frame",
+    }
 
 
 def _ascii(text: str) -> np.ndarray:
@@ -217,43 +263,53 @@ def _ascii(text: str) -> np.ndarray:
 
 
 def embed_code(data: np.ndarray) -> np.ndarray:
-    """Copy of ``data`` with the ASCII codes of :data:`CODE_TAG` in voxels ``(k, 0, 0)``.
+    """Copy of ``data`` with the ASCII codes of :data:`CODE_TAG` in the :func:`code_location`
+    voxels: ``(k, 0, 0)`` when the first axis has 20 voxels, else another axis or lines.
 
     Every frame is tagged.  ASCII codes are < 128 and therefore exact in every supported dtype.
-    If the tag does not fit (see :func:`code_fits`) an unchanged copy is returned.
+    A volume of fewer than 20 voxels (never a valid input) is returned unchanged, as a copy.
     """
     out = np.array(data, copy=True)
     _check_dtype(out.dtype)
     if not code_fits(out.shape):
         return out
     codes = _ascii(CODE_TAG)
-    out[: codes.size, 0, 0] = codes.reshape((-1,) + (1,) * (out.ndim - 3))
+    i, j, k = _code_voxels(out.shape).T
+    out[i, j, k] = codes.reshape((-1,) + (1,) * (out.ndim - 3))
     return out
 
 
-def _edge_lines(frame: np.ndarray) -> list[np.ndarray]:
-    """The 12 edges of the voxel box (along each axis, the other two indices at 0 or last)."""
-    lines = []
-    for axis in range(3):
-        moved = np.moveaxis(frame, axis, 0)
-        lines += [moved[:, i, j] for i in (0, -1) for j in (0, -1)]
-    return lines
+def _orientations(frame: np.ndarray) -> Iterator[np.ndarray]:
+    """The 48 views of a 3-D frame under every permutation and flip of its axes."""
+    for perm in itertools.permutations(range(3)):
+        moved = np.transpose(frame, perm)
+        for flips in itertools.product((False, True), repeat=3):
+            yield np.flip(moved, [a for a in range(3) if flips[a]])
+
+
+def _leading_voxels(view: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` voxels of ``view`` read first axis fastest (only the corner is copied)."""
+    n0, n1, _ = view.shape
+    rows = min(n1, -(-n // n0))
+    slabs = 1 if n0 * n1 >= n else -(-n // (n0 * n1))
+    return view[:, :rows, :slabs].ravel(order="F")[:n]
 
 
 def check_code(data: np.ndarray) -> bool:
     """Whether frame 0 carries one of :data:`KNOWN_CODES` (i.e. the volume was defaced).
 
-    Any flip/permutation of the axes moves the tag line ``(k, 0, 0)`` onto one of the 12 box
-    edges, read forwards from index 0 or backwards from the last index; all 24 readings are
-    checked, which covers every one of the 48 axis reorientations.
+    The tag starts in a corner and runs along one axis (continued on the next lines when no
+    axis is long enough); any flip or permutation of the axes moves it onto another corner and
+    axis order, so all 48 orientations are read, from their corner, first axis fastest.
     """
     data = np.asarray(data)
     if data.ndim not in (3, 4):
         raise ValueError(f"expected a 3-D or 4-D volume, got shape {data.shape}")
     frame = data[..., 0] if data.ndim == 4 else data
     codes = [_ascii(code) for code in KNOWN_CODES]
-    for line in _edge_lines(frame):
-        for reading in (line, line[::-1]):
-            if any(np.array_equal(reading[: c.size], c) for c in codes):
-                return True
+    longest = max(c.size for c in codes)
+    for view in _orientations(frame):
+        leading = _leading_voxels(view, min(longest, frame.size))
+        if any(np.array_equal(leading[: c.size], c) for c in codes):
+            return True
     return False

@@ -15,6 +15,7 @@ from mideface_nipype.fill import (
     NPERBIN,
     check_code,
     code_fits,
+    code_location,
     compartment_stats,
     embed_code,
     fill_face,
@@ -246,8 +247,96 @@ def test_check_code_false_on_real_heads(name):
     assert not check_code(data)
 
 
-def test_embed_code_does_not_fit():
-    data = np.ones((10, 40, 40), np.int16)
+def _reoriented(data: np.ndarray):
+    """Every one of the 48 axis reorientations of a 3-D or 4-D (frames last) array."""
+    for perm, flips in FLIPS:
+        vol = np.transpose(data, perm + tuple(range(3, data.ndim)))
+        yield np.flip(vol, [a for a in range(3) if flips[a]]), (perm, flips)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis_order", "n_lines"),
+    [
+        ((18, 120, 120), [1, 2, 0], 1),  # the first axis is too short: the second axis
+        ((10, 12, 40), [2, 1, 0], 1),
+        ((12, 10, 8), [0, 1, 2], 2),  # no axis of 20: two lines
+        ((4, 4, 4), [0, 1, 2], 5),  # the smallest valid volume: over two planes
+        ((4, 5, 6), [2, 1, 0], 4),
+    ],
+)
+def test_code_fits_any_grid(shape, axis_order, n_lines):
+    raw, _ = _load(XA30)
+    centre = [(n - s) // 2 for n, s in zip(raw.shape, shape, strict=True)]
+    crop = raw[tuple(slice(c, c + s) for c, s in zip(centre, shape, strict=True))]
+    assert crop.shape == shape and crop.std() > 0 and not check_code(crop)
+    location = code_location(shape)
+    assert (location["axis_order"], location["n_lines"]) == (axis_order, n_lines)
+    assert location["first_voxel"] == [0, 0, 0]
+    tagged = embed_code(crop)
+    codes = np.array([ord(ch) for ch in CODE_TAG])
+    # the tag: first voxels of the grid in axis_order, first axis fastest
+    order = np.transpose(tagged, axis_order).ravel(order="F")
+    assert order[: codes.size].tolist() == codes.tolist()
+    flat = np.zeros(crop.size, bool)
+    flat[: codes.size] = True
+    changed = np.transpose(
+        flat.reshape([shape[a] for a in axis_order], order="F"), np.argsort(axis_order)
+    )
+    assert tagged[tuple(location["last_voxel"])] == codes[-1]
+    assert tagged[~changed].tobytes() == crop[~changed].tobytes()
+    for vol, orientation in _reoriented(tagged):
+        assert check_code(vol), orientation
+    for vol, orientation in _reoriented(crop):
+        assert not check_code(vol), orientation
+
+
+def test_code_layout_of_older_results_is_kept(ixi):
+    """A volume whose first axis has 20 voxels keeps the original layout, ``(k, 0, 0)``."""
+    data, _, _ = ixi
+    assert code_location(data.shape)["axis_order"][0] == 0
+    old = data.copy()
+    old[: len(CODE_TAG), 0, 0] = [ord(ch) for ch in CODE_TAG]
+    assert embed_code(data).tobytes() == old.tobytes()
+    assert check_code(old)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.int8,
+        np.uint8,
+        np.int16,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.float32,
+        np.float64,
+    ],
+)
+@pytest.mark.parametrize("shape", [(18, 120, 120), (4, 4, 4)])
+def test_code_survives_every_dtype_and_scaling(dtype, shape, tmp_path):
+    """Saved with a slope and an intercept, the stored values still carry the tag."""
+    raw, img = _load(XA30)
+    crop = raw[
+        tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(raw.shape, shape, strict=True))
+    ]
+    crop = np.clip(crop, 0, 127).astype(dtype)
+    tagged = embed_code(crop)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    out = nib.Nifti1Image(tagged, img.affine, header)
+    out.header.set_slope_inter(2.5, -3.0)
+    nib.save(out, tmp_path / "x.nii.gz")
+    back = nib.load(tmp_path / "x.nii.gz")
+    assert back.get_data_dtype() == dtype
+    assert check_code(np.asanyarray(back.dataobj.get_unscaled()))
+
+
+def test_embed_code_needs_twenty_voxels():
+    data = np.ones((2, 3, 3), np.int16)
     assert not code_fits(data.shape)
     out = embed_code(data)
     assert np.array_equal(out, data) and out is not data
+    with pytest.raises(ValueError, match="at least 20 voxels"):
+        code_location(data.shape)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -21,8 +20,6 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
-
-LOGGER = logging.getLogger("mideface")
 
 
 class _DefaceInputSpec(StepInputSpec):
@@ -69,11 +66,9 @@ class Deface(StepInterface):
                 else None,
                 stat_frame=self.inputs.stat_frame,
             )
-            if fill.code_fits(out.shape):
-                out = fill.embed_code(out)
-            else:
-                LOGGER.warning("volume too small along its first axis to embed the code")
+            out = fill.embed_code(out)
         record.update(stats.to_dict())
+        record["code_location"] = fill.code_location(out.shape)
         _, suffix = io.split_suffix(Path(self.inputs.in_file).name)
         name = self.inputs.out_name or f"defaced{suffix}"
         self._results["out_file"] = out_path(runtime, name)
