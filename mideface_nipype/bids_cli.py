@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
@@ -32,8 +33,12 @@ outputs (OUTPUT_DIR is a BIDS derivative dataset)
   sub-01/anat/sub-01_desc-face_mask.nii.gz      face mask (0-4) of the T1w
   sub-01/anat/sub-01_desc-faceT2w_mask.nii.gz   the same mask carried onto the T2w's grid
   sub-01/anat/sub-01_desc-exclusion_mask.nii.gz voxels never modified (brain, eyes, skull)
-  with --in-place: the defaced images replace the raw ones in BIDS_DIR and the raw images are
-  kept in OUTPUT_DIR/sourcedata/ (a rerun reads them there, never defacing twice)
+  with --in-place: the defaced images replace the raw ones in BIDS_DIR (same mode) and the raw
+  images are kept in OUTPUT_DIR/sourcedata/ with mideface-manifest.json (checksums of each
+  original and its defaced image); a rerun skips what is done and defaces only new raw data,
+  keeping the earlier original in sourcedata/superseded/
+  images already defaced (provenance code, descrip stamp, Defacing sidecar record) are skipped,
+  and existing outputs are refused, unless --force
 
 examples
   mideface-bids /data/ds /data/ds/derivatives/mideface participant --nprocs 2
@@ -43,9 +48,10 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import fill
+    from mideface_nipype import fill, io
+    from mideface_nipype.cli import _number, _Parser
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mideface-bids",
         description="Deface each subject/session of a BIDS dataset: the T1w with MiDeFace, and "
         "every other anatomical image of the session (T2w, FLAIR, PD, ...) with the T1w's face "
@@ -64,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-place",
         action="store_true",
         help="write the defaced images over the raw ones; the raw ones are kept in "
-        "OUTPUT_DIR/sourcedata",
+        "OUTPUT_DIR/sourcedata with a manifest of checksums (a rerun defaces only new data)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite existing outputs, and deface images that are defaced already",
+    )
+    p.add_argument(
+        "--max-gb",
+        type=_number(float, 0, inclusive=False),
+        default=io.DEFAULT_MAX_GB,
+        metavar="GB",
+        help="refuse an image whose run would need more memory, from its header "
+        f"(default {io.DEFAULT_MAX_GB:g})",
     )
     run = p.add_argument_group("execution")
     run.add_argument("--plugin", choices=PLUGINS, default="MultiProc", help="Nipype plugin")
@@ -73,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--nprocs",
-        type=int,
+        type=_number(int, 1),
         default=os.cpu_count() or 1,
         help="processes for MultiProc (default: all cores)",
     )
@@ -88,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_argument_group("defacing")
     how.add_argument(
         "--seed",
-        type=int,
+        type=_number(int, 0),
         default=fill.DEFAULT_SEED,
         help=f"noise-fill seed (default {fill.DEFAULT_SEED}); same data and seed, same bytes",
     )
@@ -195,19 +214,37 @@ def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from mideface_nipype import bids, io
-    from mideface_nipype.bids_workflows import init_bids_wf
+    from mideface_nipype import io
 
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
     work_dir = args.work_dir.resolve()
     if output_dir == bids_dir:
         raise io.InputError(f"{args.output_dir}: the output folder would overwrite the dataset")
     plugin_args, tag = plugin_settings(args.plugin, args.plugin_args, args.nprocs)
+    # one run at a time per work folder, output folder and (in place) dataset: a second run
+    # stops at once with a clear message instead of both failing half-way
+    folders = {work_dir: "work folder", output_dir: "output folder"}
+    if args.in_place:
+        folders[bids_dir] = "dataset"
+    with contextlib.ExitStack() as locks:
+        for folder, what in folders.items():
+            locks.enter_context(io.locked(folder, what))
+        return _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag)
+
+
+def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
+    from mideface_nipype import bids
+    from mideface_nipype.bids_workflows import init_bids_wf
+
     _setup_logging(work_dir, args.verbose)
     sessions = bids.discover(bids_dir, args.participant_label)
-    for session in sessions:  # fail early, with the file named, before any work
-        for rel in (session.reference, *session.others):
-            io.load_volume(bids_dir / rel)
+    # every check before any work or write: inputs, the output folder's owner, existing outputs
+    bids.validate(sessions, bids_dir, max_gb=args.max_gb)
+    bids.check_output_folder(bids_dir, output_dir)
+    if args.in_place:
+        sessions = bids.prepare_in_place(sessions, bids_dir, output_dir, force=args.force)
+    else:
+        sessions = bids.plan_derivatives(sessions, bids_dir, output_dir, force=args.force)
     LOGGER.info(
         "mideface-nipype %s: %d session(s) of %s -> %s (%s)",
         __version__,
@@ -217,8 +254,9 @@ def run(args) -> int:
         args.plugin,
     )
     bids.write_dataset_description(bids_dir, output_dir)
-    if args.in_place:
-        sessions = [bids.keep_originals(s, bids_dir, output_dir) for s in sessions]
+    if not sessions:
+        LOGGER.info("nothing to deface")
+        return 0
     options = {"xmask_source": args.xmask_source} if args.xmask_source else {}
     workflow = init_bids_wf(
         sessions,

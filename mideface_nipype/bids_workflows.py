@@ -44,6 +44,7 @@ def init_session_wf(
             reference=session.reference,
             others=list(session.others),
             in_place=in_place,
+            publish_reference=session.publish_reference,
             seed=seed,
         ),
         name="derivatives",

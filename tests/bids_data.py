@@ -90,3 +90,28 @@ def tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+#: Slab thickness (voxels of the real head) of ``thick_head``: 108 mm of the head in 18 slabs.
+THICK_SLAB_VOXELS = 6
+
+
+def thick_head(head: str, dst: Path) -> Path:
+    """A real head re-sliced into 18 thick slabs (12 mm) along its first axis and padded to
+    18 x 120 x 120: a whole head the engine defaces in ~20 s, on which the 20-voxel provenance
+    code cannot run along the first axis (the second in-place run of issue 15)."""
+    img = nib.load(HEADS_DIR / head)
+    data = np.asanyarray(img.dataobj.get_unscaled())
+    n = 18 * THICK_SLAB_VOXELS
+    start = (data.shape[0] - n) // 2
+    slabs = data[start : start + n].reshape(18, THICK_SLAB_VOXELS, *data.shape[1:]).mean(axis=1)
+    pad = (120 - data.shape[2]) // 2
+    slabs = np.pad(slabs, ((0, 0), (0, 0), (pad, 120 - data.shape[2] - pad)))
+    affine = img.affine.copy()
+    affine[:3, 3] += affine[:3, 0] * (start + (THICK_SLAB_VOXELS - 1) / 2) - affine[:3, 2] * pad
+    affine[:3, 0] *= THICK_SLAB_VOXELS
+    out = nib.Nifti1Image(np.rint(slabs).astype(data.dtype), affine, img.header)
+    out.header.set_slope_inter(img.dataobj.slope, img.dataobj.inter)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, dst)
+    return dst

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -141,7 +142,7 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         write()
     monkeypatch.undo()
-    assert [p for p in out.rglob("*") if p.is_file() and p.suffix != ".json"] == []
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # sidecars written before: removed
     # a temporary file left by a killed run is cleared when its target is written
     stale = out / "sub-01/anat/.sub-01_T1w.nii.gz.abc123"
     stale.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,10 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
     assert (out / session.reference).read_bytes() == results[session.reference].read_bytes()
     assert (out / "sub-01/anat/sub-01_desc-faceFLAIR_mask.nii.gz").exists()
     assert (out / "sub-01/anat/sub-01_acq-fast_desc-faceT2w_mask.nii.gz").exists()
-    assert all(Path(p).is_file() for p in written) and len(written) == 3 * 3 + 1
+    assert all(Path(p).is_file() for p in written) and len(written) == 3 * 4 + 2
+    assert sorted(written) == sorted(
+        map(str, bids.expected_outputs(session, root, out, in_place=False))
+    )
     sidecar = json.loads((out / "sub-01/anat/sub-01_T1w.json").read_text())
     assert sidecar["EchoTime"] == 0.003
     assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
@@ -159,35 +163,88 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
         json.loads((out / "sub-01/anat/sub-01_desc-face_mask.json").read_text())["Type"] == "Face"
     )
 
-    # in place: the raw images are kept once, the defaced ones replace them, a rerun reads the
-    # kept copies, and an image defaced in place with no kept original is refused
+    # in place: each raw image is kept (and recorded) before the graph runs, the defaced ones
+    # replace them (checksums recorded first), a rerun has nothing to do
     out2 = tmp_path / "out2"
-    kept = bids.keep_originals(session, root, out2)
-    assert kept.source_root == out2.resolve() / "sourcedata"
+    rels = (session.reference, *session.others)
+    (planned,) = bids.prepare_in_place([session], root, out2)
+    kept_root = out2.resolve() / bids.ORIGINALS_DIR
+    assert planned.source_root == kept_root and planned.images == rels
+    manifest = bids.read_manifest(out2)
     for rel, data in raw.items():
-        assert kept.source(rel).read_bytes() == data
-    write_in_place = bids.write_session_outputs(
+        assert planned.source(rel).read_bytes() == data
+        assert manifest["images"][rel] == {
+            "original_sha256": hashlib.sha256(data).hexdigest(),
+            "defaced_sha256": None,
+        }
+    written = bids.write_session_outputs(
         bids_dir=root,
         output_dir=out2,
         reference=session.reference,
-        others=[],
+        others=list(session.others),
         defaced=str(results[session.reference]),
         face_mask=str(mask),
         exclusion_mask=str(mask),
-        other_defaced=[],
-        other_face_masks=[],
+        other_defaced=[str(results[r]) for r in session.others],
+        other_face_masks=[str(mask)] * len(session.others),
         in_place=True,
     )
-    assert str(root.resolve() / session.reference) in write_in_place
-    assert (root / session.reference).read_bytes() == results[session.reference].read_bytes()
-    assert (
-        bids.keep_originals(session, root, out2).source(session.reference).read_bytes()
-        == (raw[session.reference])
-    )
-    img = nib.load(root / session.others[0])
-    io.save_atomic(io.like(img, fill.embed_code(io.stored_data(img))), root / session.others[0])
-    with pytest.raises(io.InputError, match="already defaced"):
-        bids.keep_originals(session, root, tmp_path / "out3")
+    assert {str(root.resolve() / rel) for rel in rels} <= set(written)
+    manifest = bids.read_manifest(out2)
+    for rel in rels:
+        assert (root / rel).read_bytes() == results[rel].read_bytes()
+        assert manifest["images"][rel]["defaced_sha256"] == bids.sha256(results[rel])
+    assert bids.prepare_in_place([session], root, out2) == []
+    # another image defaced elsewhere is skipped; new raw data is kept (the old original too)
+    # and defaced with the face mask of the reference, which is not written again
+    flair, t2w = session.others
+    img = nib.load(root / flair)
+    io.save_atomic(io.like(img, fill.embed_code(io.stored_data(img))), root / flair)
+    _volume(root / t2w, 77)
+    (planned,) = bids.prepare_in_place([session], root, out2)
+    assert planned.others == (t2w,) and not planned.publish_reference
+    assert planned.published == (t2w,)
+    assert (kept_root / t2w).read_bytes() == (root / t2w).read_bytes()
+    old = manifest["images"][t2w]["original_sha256"]
+    assert (kept_root / bids.SUPERSEDED_DIR / old[:16] / t2w).read_bytes() == raw[t2w]
+    assert (kept_root / flair).read_bytes() == raw[flair]
+    # an output folder that keeps another dataset's originals is refused
+    other = _small_dataset(tmp_path / "other")
+    with pytest.raises(io.OutputError, match="belongs to another dataset"):
+        bids.check_output_folder(other, out2)
+
+
+def test_defaced_images_are_planned_out_and_names_checked(tmp_path, caplog):
+    root = _small_dataset(tmp_path / "ds")
+    sessions = bids.discover(root, ["01"])
+    t1w, flair, t2w = (root / rel for rel in sessions[0].images)
+    img = nib.load(flair)
+    nib.save(io.like(img, fill.embed_code(io.stored_data(img))), flair)
+    (root / "sub-01/anat/sub-01_acq-fast_T2w.json").write_text('{"Defacing": {}}')
+    with caplog.at_level("INFO", logger="mideface"):
+        (planned,) = bids.plan_derivatives(sessions, root, tmp_path / "out")
+    assert planned.images == (sessions[0].reference,)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [
+        "sub-01/anat/sub-01_FLAIR.nii.gz: already defaced (it carries the mideface provenance "
+        "code); skipped (--force defaces it again)",
+        "sub-01/anat/sub-01_acq-fast_T2w.nii.gz: already defaced (sub-01_acq-fast_T2w.json has a "
+        "Defacing record); skipped (--force defaces it again)",
+    ]
+    # a defaced reference cannot give the others their face mask
+    img = nib.load(t1w)
+    nib.save(io.like(img, io.stored_data(img), descrip=io.defaced_descrip()), t1w)
+    (root / "sub-01/anat/sub-01_acq-fast_T2w.json").unlink()
+    with pytest.raises(io.InputError, match=r"sub-01_T1w.nii.gz: is defaced already \(its NIfTI"):
+        bids.plan_derivatives(sessions, root, tmp_path / "out")
+    forced = bids.plan_derivatives(sessions, root, tmp_path / "out", force=True)
+    assert [s.images for s in forced] == [sessions[0].images]
+    # a file naming another subject than its folder
+    t2w.rename(root / "sub-01/anat/sub-02_T2w.nii.gz")
+    with pytest.raises(
+        io.InputError, match="sub-02_T2w.nii.gz: is in the sub-01 folder but its name has sub-02"
+    ):
+        bids.discover(root)
 
 
 def test_cli_bad_input_one_line_no_output(tmp_path, capsys):
@@ -206,6 +263,10 @@ def test_cli_bad_input_one_line_no_output(tmp_path, capsys):
     assert "overwrite the dataset" in capsys.readouterr().err
     code = bids_cli.main([str(root), str(out), "participant", "--plugin-args", "{x"])
     assert code == 1 and "--plugin-args: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # refused by the command line, before any work
+        bids_cli.main([str(root), str(out), "participant", "--seed", "-1"])
+    assert stopped.value.code == 1
+    assert "argument --seed: -1 is out of range" in capsys.readouterr().err
 
 
 def _changed(before: nib.spatialimages.SpatialImage, after: nib.spatialimages.SpatialImage):

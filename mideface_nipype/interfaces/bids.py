@@ -26,6 +26,9 @@ class _WriteDerivativesInputSpec(StepInputSpec):
     other_defaced = InputMultiObject(File(exists=True), desc="defaced other images, in order")
     other_face_masks = InputMultiObject(File(exists=True), desc="their face masks, in order")
     in_place = traits.Bool(False, usedefault=True, desc="overwrite the raw images")
+    publish_reference = traits.Bool(
+        True, usedefault=True, desc="write the T1w (False: it only gives the others' face mask)"
+    )
     seed = traits.Int(fill.DEFAULT_SEED, usedefault=True, desc="seed, recorded in sidecars")
 
 
@@ -34,7 +37,7 @@ class _WriteDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteDerivatives(StepInterface):
-    """Copy a session's results to their BIDS names, atomically, with JSON sidecars."""
+    """Publish a session's results at their BIDS names with JSON sidecars, all or nothing."""
 
     input_spec = _WriteDerivativesInputSpec
     output_spec = _WriteDerivativesOutputSpec
@@ -51,6 +54,7 @@ class WriteDerivatives(StepInterface):
             other_defaced=list(self.inputs.other_defaced or []),
             other_face_masks=list(self.inputs.other_face_masks or []),
             in_place=self.inputs.in_place,
+            publish_reference=self.inputs.publish_reference,
             seed=self.inputs.seed,
         )
         return runtime
