@@ -85,6 +85,11 @@ def _pack(prefix: str, faces: dict, depth: np.ndarray) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _pack_skin(prefix: str, points: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """The 3-D attacker's skin points: outside the face (aligned) and the face (compared)."""
+    return {f"{prefix}/skin_rest": points[0], f"{prefix}/skin_face": points[1]}
+
+
 def evaluate_head(
     head: Path,
     out_dir: Path,
@@ -105,6 +110,7 @@ def evaluate_head(
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = evaluate.render_views(data, img.affine, to_atlas)
     arrays = _pack("intact", _faces(views), views[evaluate.GALLERY_YAW_DEG].depth)
+    arrays.update(_pack_skin("intact", evaluate.skin_points(data, img.affine, to_atlas)))
     record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "methods": {}}
     before = evaluate.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
@@ -130,6 +136,9 @@ def evaluate_head(
             entry["brain_ml_change_pct"] = evaluate.percent_change(
                 {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
             )["brain"]
+        arrays.update(
+            _pack_skin(f"{method}/defaced", evaluate.skin_points(ddata, dimg.affine, to_atlas))
+        )
         volumes = {"defaced": ddata, **evaluate.refacing_attacks(ddata, dimg.affine)}
         for variant in VARIANTS:
             vviews = evaluate.render_views(volumes[variant], dimg.affine, to_atlas)
@@ -165,11 +174,15 @@ def identification(arrays: list[dict], prefix: str, yaws) -> dict:
     if len(truth) == 0:
         return {"probes": 0}
     ranks = evaluate.rank_of_truth(evaluate.descriptor_distances(desc, gallery), truth)
+    per_person = np.bincount(truth[ranks == 1], minlength=len(arrays))
     return {
         "probes": int(len(truth)),
         "rank1": int(np.count_nonzero(ranks == 1)),
         "detected": int(np.count_nonzero(detected)),
         "ranks": ranks.tolist(),
+        # how many of each person's own probes rank them first (a third is the issue's limit)
+        "rank1_per_person": per_person.tolist(),
+        "probes_per_person": np.bincount(truth, minlength=len(arrays)).tolist(),
     }
 
 
@@ -192,6 +205,29 @@ def depth_measures(arrays: list[dict], prefix: str) -> dict:
         "rank1": int(np.count_nonzero(ranks == 1)),
         "probes": len(have),
     }
+
+
+def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
+    """The 3-D attacker: each ``prefix`` head aligned to every intact head by rigid ICP of the
+    skin outside the face labels, then face depth maps compared (Pearson r); rank-1, r with the
+    own original, and r between different intact people aligned the same way."""
+    have = [i for i, a in enumerate(arrays) if f"{prefix}/skin_rest" in a]
+    if not have or any("intact/skin_rest" not in a for a in arrays):
+        return {}
+    gallery = [(a["intact/skin_rest"], a["intact/skin_face"]) for a in arrays]
+    probes = [(arrays[i][f"{prefix}/skin_rest"], arrays[i][f"{prefix}/skin_face"]) for i in have]
+    corr = evaluate.icp_depth_correlations(probes, gallery)
+    ranks = evaluate.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
+    out = {
+        "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
+        "rank1": int(np.count_nonzero(ranks == 1)),
+        "probes": len(have),
+    }
+    if prefix == "intact":
+        return out
+    between = evaluate.icp_depth_correlations(gallery, gallery)
+    out["between_r"] = between[~np.eye(len(gallery), dtype=bool)].tolist()
+    return out
 
 
 def between_people_r(arrays: list[dict]) -> list[float]:
@@ -234,6 +270,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
         for variant in VARIANTS:
             row[variant] = identification(faces, f"{method}/{variant}", evaluate.PROBE_YAWS_DEG)
         row["depth"] = depth_measures(faces, f"{method}/defaced")
+        row["icp_depth"] = icp_depth_measures(faces, f"{method}/defaced")
         if ok:
             row["brain_voxels_changed"] = int(sum(e["brain_voxels_changed"] for e in ok))
             row["seconds_median"] = statistics.median(e["seconds"] for e in ok)
@@ -263,6 +300,14 @@ def _rate(ident: dict, key: str = "rank1") -> str:
     return f"{ident[key]}/{ident['probes']} ({100.0 * ident[key] / ident['probes']:.0f} %)"
 
 
+def _worst_person(ident: dict) -> str:
+    """The person whose own probes were ranked first most often: 'k/n'."""
+    if not ident.get("rank1_per_person"):
+        return "–"
+    k = int(np.argmax(ident["rank1_per_person"]))
+    return f"{ident['rank1_per_person'][k]}/{ident['probes_per_person'][k]}"
+
+
 def markdown_table(summary: dict) -> str:
     """The results table (Markdown) with the control, the chance level and the notes."""
     n = len(summary["face_heads"])
@@ -270,12 +315,14 @@ def markdown_table(summary: dict) -> str:
     between = np.array(summary["between_people_r"])
     head = (
         "| method | rank-1 after defacing | after median filter | after smoothing | faces "
-        "detected | depth rank-1 | depth r with own original (median) | brain voxels changed "
+        "detected | most own probes ranked first (one person) | depth rank-1 | depth r with own "
+        "original (median) | 3-D attacker rank-1 (ICP of the skin outside the face) | its depth r "
+        "own / between people (median) | brain voxels changed "
         "| tissue volume change, max \\|%\\| (GM / WM / CSF; any class in % of brain) "
         "| brain-mask volume change re-estimated on the defaced image, max \\|%\\| "
         "| s per subject (median) | GB per subject (peak) |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 15]
     control = summary["control"]
     between_s = (
         f"between people: {np.nanmedian(between):.3f} (max {np.nanmax(between):.3f})"
@@ -284,7 +331,8 @@ def markdown_table(summary: dict) -> str:
     )
     rows.append(
         f"| intact heads, ±30° probes (control) | {_rate(control)} | | | "
-        f"{_rate(control, 'detected')} | | {between_s} | | | | | |"
+        f"{_rate(control, 'detected')} | {_worst_person(control)} | | {between_s} | | | | | | "
+        "| |"
     )
     for method, row in summary["methods"].items():
         tissue = row.get("tissue_change_pct_max_abs")
@@ -299,10 +347,19 @@ def markdown_table(summary: dict) -> str:
         depth = row["depth"]
         own = f"{np.nanmedian(depth['own_r']):.3f}" if depth.get("own_r") else "–"
         depth_rank = _rate(depth) if depth else "–"
+        icp = row.get("icp_depth") or {}
+        icp_rank = _rate(icp) if icp else "–"
+        icp_r = (
+            f"{np.nanmedian(icp['own_r']):.3f} / {np.nanmedian(icp['between_r']):.3f}"
+            if icp.get("between_r")
+            else "–"
+        )
+        worst = " / ".join(_worst_person(row[v]) for v in VARIANTS)
         rows.append(
             f"| {METHOD_NOTES[method]} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
-            f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {depth_rank} | "
-            f"{own} | {row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
+            f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {worst} | "
+            f"{depth_rank} | {own} | {icp_rank} | {icp_r} | "
+            f"{row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
             f"{row.get('seconds_median', float('nan')):.1f} | "
             f"{row.get('peak_gb_max', float('nan')):.2f} |"
         )
@@ -314,7 +371,12 @@ def markdown_table(summary: dict) -> str:
         + f". Probes: renders at 0° and ±30° yaw, ranked against intact frontal renders of all {n} "
         f"subjects (dlib 128-d descriptors); chance rank-1 is 1/{n} = "
         f"{100 * summary['chance_rank1']:.0f} %. Depth: frontal depth maps over the atlas face "
-        "region, Pearson r, ranked like the descriptors. Independent brain mask: N4 + SyN of the "
+        "region, Pearson r, ranked like the descriptors; most own probes ranked first: after "
+        "defacing / "
+        "median / smoothing. 3-D attacker: each defaced head aligned to every intact head by "
+        "rigid ICP of the skin outside the face labels (the part the defacer leaves), then its "
+        "frontal face depth map (1 mm) correlated with theirs; between people: intact heads "
+        "aligned to each other the same way. Independent brain mask: N4 + SyN of the "
         "MNI152 2009 SSW head, ICBM 2009a brain. Tissue: N4 in the original's brain mask, then "
         "ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the same "
         "mask before and after (a defacer that changes no brain voxel scores 0). Brain-mask "

@@ -31,8 +31,9 @@ import nibabel as nib
 import numpy as np
 import trimesh
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
-from mideface_nipype import headmask, io, register, render
+from mideface_nipype import bracket, headmask, io, register, render
 from mideface_nipype.atlas import load_atlas
 
 #: Yaw (deg) of the gallery view (intact heads) and of the probe views.
@@ -43,7 +44,15 @@ CONTROL_YAWS_DEG = (30.0, -30.0)
 #: Elevation (deg) of the renders' light above the camera, as a portrait's key light.
 LIGHT_ELEVATION_DEG = 30.0
 #: Atlas surface labels that make up the face region of the depth-map comparison.
-FACE_LABELS = ("lower-face", "upper-face", "nose", "eyes")
+FACE_LABELS = tuple(spec.name for spec in bracket.FACE_LABELS)
+#: The 3-D attacker: skin points kept per head (outside / inside the face labels), rigid ICP
+#: iterations, the pixel of its frontal depth maps (mm), and the largest distance (mm) from a
+#: skin point to the atlas face labels for it to count as face.
+ICP_POINTS = 4000
+FACE_POINTS = 30000
+ICP_ITERATIONS = 40
+ICP_DEPTH_PIXEL_MM = 1.0
+FACE_NEAR_MM = 3.0
 #: Refacing attacks on the defaced image before rendering: median filter and Gaussian smoothing.
 MEDIAN_MM = 3.0
 SMOOTH_FWHM_MM = 4.0
@@ -169,7 +178,7 @@ class Face:
 
 
 @lru_cache(maxsize=1)
-def _dlib_models():
+def dlib_models():
     """dlib's HOG detector, 68-landmark predictor and ResNet descriptor (no download)."""
     import dlib
 
@@ -199,7 +208,7 @@ def describe_face(picture: np.ndarray, fallback: np.ndarray) -> Face:
     render: the descriptor is taken in the box around ``fallback`` (the atlas face region), so a
     defaced head cannot escape by merely fooling the detector.
     """
-    detector, predictor, model = _dlib_models()
+    detector, predictor, model = dlib_models()
     picture = np.ascontiguousarray(picture, dtype=np.uint8)
     boxes, scores, _ = detector.run(picture, HOG_UPSAMPLE, HOG_MIN_SCORE)
     if boxes:
@@ -234,6 +243,98 @@ def depth_correlation(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float
     if both.sum() < 3:
         return float("nan")
     return float(np.corrcoef(a[both], b[both])[0, 1])
+
+
+# ---------------------------------------------------------------- the 3-D attacker
+
+
+def skin_points(
+    data: np.ndarray, affine: np.ndarray, to_atlas: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Skin points of a head in the atlas pose: a sample outside the atlas face labels (what the
+    3-D attacker aligns) and the points of the face (what it compares), both (N, 3) mm.
+
+    A point is face when the nearest atlas surface vertex within ``FACE_NEAR_MM`` is in a face
+    label; the rest of the head (scalp, ears, neck) is left as the defacer left it.
+    """
+    atlas = load_atlas()
+    mesh = render.skin_mesh(data, affine)
+    points = register.apply_affine(to_atlas, mesh.vertices)
+    in_face = np.zeros(len(atlas.surface.vertices), dtype=bool)
+    for name in FACE_LABELS:
+        in_face[atlas.labels[name]] = True
+    dist_mm, nearest = cKDTree(atlas.surface.vertices).query(points)
+    face = in_face[nearest] & (dist_mm <= FACE_NEAR_MM)
+    rng = np.random.default_rng(seed)
+    rest, face_pts = points[~face], points[face]
+    rest = rest[rng.choice(len(rest), min(ICP_POINTS, len(rest)), replace=False)]
+    face_pts = face_pts[rng.choice(len(face_pts), min(FACE_POINTS, len(face_pts)), replace=False)]
+    return rest, face_pts
+
+
+def rigid_icp(
+    moving: np.ndarray, fixed: np.ndarray, iterations: int = ICP_ITERATIONS
+) -> np.ndarray:
+    """4x4 rigid matrix moving -> fixed by point-to-point ICP (closest points, Kabsch).
+
+    The worst fifth of the pairs are left out of each fit, so that parts one head has and the
+    other lacks (neck length, hair, field of view) do not pull the fit.
+    """
+    tree = cKDTree(fixed)
+    total = np.eye(4)
+    current = np.asarray(moving, dtype=float)
+    for _ in range(iterations):
+        dist, idx = tree.query(current)
+        keep = dist <= np.percentile(dist, 80)
+        src, dst = current[keep], fixed[idx[keep]]
+        src_c, dst_c = src.mean(0), dst.mean(0)
+        u, _, vt = np.linalg.svd((src - src_c).T @ (dst - dst_c))
+        rot = (u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt).T
+        step = np.eye(4)
+        step[:3, :3], step[:3, 3] = rot, dst_c - rot @ src_c
+        current = current @ rot.T + step[:3, 3]
+        total = step @ total
+    return total
+
+
+def frontal_depth(points: np.ndarray, region: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Depth map of points seen from the front: the most anterior y in each (x, z) pixel of the
+    grid ``region`` (pixel edges in x and z, mm), NaN where no point falls."""
+    x_edges, z_edges = region
+    ix = np.searchsorted(x_edges, points[:, 0]) - 1
+    iz = np.searchsorted(z_edges, points[:, 2]) - 1
+    ok = (ix >= 0) & (ix < len(x_edges) - 1) & (iz >= 0) & (iz < len(z_edges) - 1)
+    depth = np.full((len(x_edges) - 1, len(z_edges) - 1), -np.inf)
+    np.maximum.at(depth, (ix[ok], iz[ok]), points[ok, 1])
+    return np.where(np.isfinite(depth), depth, np.nan)
+
+
+def face_grid() -> tuple[np.ndarray, np.ndarray]:
+    """Pixel edges (x, z in atlas mm) of the 3-D attacker's depth maps: the face labels' extent."""
+    atlas = load_atlas()
+    face = atlas.surface.vertices[np.concatenate([atlas.labels[n] for n in FACE_LABELS])]
+    lo, hi = face.min(0), face.max(0)
+    return (
+        np.arange(lo[0], hi[0] + ICP_DEPTH_PIXEL_MM, ICP_DEPTH_PIXEL_MM),
+        np.arange(lo[2], hi[2] + ICP_DEPTH_PIXEL_MM, ICP_DEPTH_PIXEL_MM),
+    )
+
+
+def icp_depth_correlations(
+    probes: list[tuple[np.ndarray, np.ndarray]], gallery: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """(probes, gallery) Pearson r of face depth maps after aligning each probe to each gallery
+    head by rigid ICP of the skin outside the face labels (``skin_points`` pairs)."""
+    grid = face_grid()
+    gallery_depth = [frontal_depth(face, grid) for _, face in gallery]
+    out = np.full((len(probes), len(gallery)), np.nan)
+    for i, (rest, face) in enumerate(probes):
+        for j, (g_rest, _) in enumerate(gallery):
+            matrix = rigid_icp(rest, g_rest)
+            moved = register.apply_affine(matrix, face)
+            both = np.ones(gallery_depth[j].shape, dtype=bool)
+            out[i, j] = depth_correlation(frontal_depth(moved, grid), gallery_depth[j], both)
+    return out
 
 
 # ---------------------------------------------------------------- refacing attacks

@@ -335,3 +335,34 @@ def test_e2e_rerun_reuses_cached_subjects(e2e, capsys):
 def test_sources_hold_the_independent_mask_templates():
     for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE):
         assert (ATLAS_SOURCES_DIR / name).is_file()
+
+
+def test_icp_attacker_realigns_moved_heads_and_tells_people_apart():
+    """The 3-D attacker: each intact head, moved by a small rigid motion, is put back by ICP of
+    the skin outside the face and matched to itself (r near 1) before two other people."""
+    names = [
+        "IXI012-HH-1211-T1_ds.nii.gz",
+        "IXI014-HH-1236-T1_ds.nii.gz",
+        "IXI034-HH-1260-T1_ds.nii.gz",
+    ]
+    heads = []
+    for name in names:
+        img = nib.load(HEADS_DIR / name)
+        heads.append(
+            evaluate.skin_points(io.first_frame(img), img.affine, evaluate.align_to_atlas(img))
+        )
+    angle = np.deg2rad(4.0)
+    motion = np.eye(4)
+    motion[:3, :3] = [
+        [1, 0, 0],
+        [0, np.cos(angle), -np.sin(angle)],
+        [0, np.sin(angle), np.cos(angle)],
+    ]
+    motion[:3, 3] = [3.0, -2.0, 4.0]
+    moved = [tuple(register.apply_affine(motion, p) for p in pair) for pair in heads]
+    back = evaluate.rigid_icp(moved[0][0], heads[0][0])
+    undone = back @ motion
+    assert np.abs(undone[:3, :3] - np.eye(3)).max() < 0.01 and np.abs(undone[:3, 3]).max() < 0.5
+    corr = evaluate.icp_depth_correlations(moved, heads)
+    assert np.all(np.diag(corr) > 0.97)
+    assert np.all(evaluate.rank_of_truth(-corr, np.arange(3)) == 1)
