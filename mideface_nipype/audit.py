@@ -186,7 +186,7 @@ def detect_face(picture: np.ndarray, yaw_deg: float) -> Detection:
     lie on the atlas face region of the view and brows, eyes, nose and mouth come in that order
     from the top: a face where the face is, upright, not texture elsewhere on the head.
     """
-    detector, predictor, _ = evaluate._dlib_models()
+    detector, predictor, _ = evaluate.dlib_models()
     picture = np.ascontiguousarray(picture, dtype=np.uint8)
     boxes, scores, _ = detector.run(picture, evaluate.HOG_UPSAMPLE, evaluate.HOG_MIN_SCORE)
     if not boxes:
