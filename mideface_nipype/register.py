@@ -30,6 +30,11 @@ SEARCH_TURN_DEG = 30.0
 #: off, one run stops 2-5 mm short at the face.
 FULL_PYRAMID = ((200, 200, 100), (4, 2, 1), (2, 1, 0))
 REFINE_PYRAMID = ((200, 100), (2, 1), (1, 0))
+#: The refining runs start next to the optimum, so they stop once the metric has changed less
+#: than this over ``REFINE_WINDOW`` iterations (ANTs' convergence test) instead of running their
+#: full count: 2-3 times faster, and the face lands within 0.15 mm of the full count's result.
+REFINE_THRESHOLD = 1e-5
+REFINE_WINDOW = 10
 #: Refining runs on the moving grid. On the subject's own grid, the same head turned or shifted
 #: in the world ended 0.5-2 mm apart at the face (it meets the grid differently); two runs on the
 #: moving grid bring that to 0.1-0.2 mm (one run: 0.2-0.6 mm).
@@ -261,12 +266,17 @@ def register_affine(
     transform: str = "Affine",
     metric: str = "mattes",
     pyramid: tuple[tuple[int, ...], ...] = FULL_PYRAMID,
+    convergence: tuple[float, int] | None = None,
 ) -> np.ndarray:
     """ANTs affine (or rigid) registration from a RAS initial matrix; returns fixed->moving RAS.
 
     Both images must be on axis-aligned RAS grids (``smooth_downsample`` makes them).
+    ``convergence`` (threshold, window) lets ANTs stop a level early; without it each level runs
+    its full count.
     """
     iterations, shrink_factors, smoothing_sigmas = pyramid
+    if convergence is not None:
+        iterations = _ants_convergence(iterations, *convergence)
     ants = _import_ants()
     fixed_img = to_ants(fixed, fixed_affine)
     moving_img = to_ants(moving, moving_affine)
@@ -286,6 +296,16 @@ def register_affine(
         fwd = [p for p in result["fwdtransforms"] if p.endswith(".mat")]
         # antspyx composes the initial transform into its output affine.
         return ants_transform_to_ras(fwd[-1])
+
+
+def _ants_convergence(
+    iterations: tuple[int, ...], threshold: float, window: int
+) -> tuple[str, ...]:
+    """Iteration counts that antspyx joins with "x" into ANTs' ``[NxM,threshold,window]``."""
+    counts = [str(n) for n in iterations]
+    counts[0] = "[" + counts[0]
+    counts[-1] = f"{counts[-1]},{threshold:g},{window}]"
+    return tuple(counts)
 
 
 class RegistrationError(RuntimeError):
@@ -440,7 +460,14 @@ def register_heads(
             smoothed, fixed_affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
         )
         correction = register_affine(
-            pulled, m_aff, m, m_aff, initial=np.eye(4), transform=transform, pyramid=REFINE_PYRAMID
+            pulled,
+            m_aff,
+            m,
+            m_aff,
+            initial=np.eye(4),
+            transform=transform,
+            pyramid=REFINE_PYRAMID,
+            convergence=(REFINE_THRESHOLD, REFINE_WINDOW),
         )
         matrix = correction @ matrix
     dice, ratio = check_registration(
