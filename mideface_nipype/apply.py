@@ -85,6 +85,4 @@ def apply_face_mask(
         )
         mask[protect] = 0
     out, stats = fill.fill_face(data, mask, seed=seed, fill_const=fill_const, stat_frame=stat_frame)
-    if fill.code_fits(out.shape):
-        out = fill.embed_code(out)
-    return out, mask, stats
+    return fill.embed_code(out), mask, stats
