@@ -2,7 +2,7 @@
 """Wall and CPU time and peak memory of ``mideface`` per head, side by side with a peer.
 
     python workflows/benchmark.py [--heads DIR] [--repeat N] [--cores N] [--out results.md]
-                                  [-- extra mideface options]
+                                  [--side-by-side] [-- extra mideface options]
 
 For every head in ``../shared/data/heads`` (and, for the 1 mm 176x256x256 size class, the
 pydeface average head from ``../shared/data/atlas-sources``) it runs, as whole processes pinned
@@ -11,6 +11,11 @@ to ``--cores`` CPUs (default one), ``mideface --i HEAD --odir TMP`` and the pyde
 each. It reports the median wall and CPU seconds, the peak resident memory, the ratio
 ours/peer and the per-step seconds from ``stats.json``. Machines are noisy: run it on an idle
 machine, and compare ratios and medians, not single runs.
+
+``--side-by-side`` measures instead how runs share the machine: per head, ``mideface --threads 1``
+alone, then two of them started together (unpinned); it prints each step's seconds alone and the
+slower of the pair's, and their ratio. Nodes that start more threads than they were given show
+up here as ratios well above 1.
 """
 
 from __future__ import annotations
@@ -31,29 +36,73 @@ SHARED = HERE.parent.parent / "shared" / "data"
 STEPS = ("head_mask", "registration", "exclusion", "bracket", "fill")
 
 
-def run_process(cmd: list[str], cores: int) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS GB) of one whole process pinned to the first ``cores`` CPUs."""
-    allowed = sorted(os.sched_getaffinity(0))[:cores]
+def start_process(cmd: list[str], cores: int | None) -> tuple[subprocess.Popen, float]:
+    """Start a whole process, pinned to the first ``cores`` CPUs unless ``cores`` is None."""
+    allowed = sorted(os.sched_getaffinity(0))[:cores] if cores else None
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: os.sched_setaffinity(0, allowed),
+        preexec_fn=(lambda: os.sched_setaffinity(0, allowed)) if allowed else None,
     )
+    return proc, start
+
+
+def finish_process(proc: subprocess.Popen, start: float) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS GB) of a process started by ``start_process``."""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if status != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode().strip()}")
+        raise RuntimeError(f"{' '.join(proc.args)} failed: {proc.stderr.read().decode().strip()}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024**2
+
+
+def run_process(cmd: list[str], cores: int) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS GB) of one whole process pinned to the first ``cores`` CPUs."""
+    return finish_process(*start_process(cmd, cores))
+
+
+def ours_cmd(head: Path, out_dir: str, extra: list[str]) -> list[str]:
+    cli = [sys.executable, "-m", "mideface_nipype.cli"]
+    return [*cli, "--i", str(head), "--odir", out_dir, *extra]
 
 
 def ours(head: Path, extra: list[str], cores: int) -> tuple[float, float, float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "mideface_nipype.cli", "--i", str(head), "--odir", tmp]
-        wall, cpu, peak = run_process([*cmd, *extra], cores)
+        wall, cpu, peak = run_process(ours_cmd(head, tmp, extra), cores)
         stats = json.loads((Path(tmp) / "stats.json").read_text())
     return wall, cpu, peak, stats
+
+
+def step_seconds(out_dir: str, wall: float) -> dict[str, float]:
+    """Seconds of each step (from the run's ``stats.json``) and of the whole process."""
+    stats = json.loads((Path(out_dir) / "stats.json").read_text())
+    return {**{s: stats.get(s, {}).get("seconds", float("nan")) for s in STEPS}, "process": wall}
+
+
+def side_by_side(heads: list[Path], extra: list[str]) -> list[str]:
+    """Each head alone, then two copies at once, each ``--threads 1``: seconds per step."""
+    extra = [*extra, "--threads", "1"]
+    names = [*STEPS, "process"]
+    rows = [
+        "| head | " + " | ".join(f"{s} alone / pair" for s in names) + " | worst ratio |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    print("\n".join(rows), flush=True)
+    for head in heads:
+        with tempfile.TemporaryDirectory() as tmp:
+            alone_dir, pair_dirs = f"{tmp}/alone", [f"{tmp}/pair{k}" for k in (0, 1)]
+            alone = step_seconds(alone_dir, run_process(ours_cmd(head, alone_dir, extra), 0)[0])
+            started = [start_process(ours_cmd(head, d, extra), None) for d in pair_dirs]
+            walls = [finish_process(*s)[0] for s in started]
+            pairs = [step_seconds(d, w) for d, w in zip(pair_dirs, walls, strict=True)]
+        pair = {s: max(p[s] for p in pairs) for s in names}
+        worst = max(pair[s] / alone[s] for s in names if alone[s] > 0.5)
+        cells = " | ".join(f"{alone[s]:.1f} / {pair[s]:.1f}" for s in names)
+        rows.append(f"| {head.name} | {cells} | {worst:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def peer(head: Path, cores: int) -> tuple[float, float, float]:
@@ -71,12 +120,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (median reported)")
     parser.add_argument("--cores", type=int, default=1, help="CPUs each process may use")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument(
+        "--side-by-side", action="store_true", help="measure two runs at once against one alone"
+    )
     parser.add_argument("extra", nargs="*", help="extra mideface options (after --)")
     args = parser.parse_args()
     heads = sorted(args.heads.glob("*.nii*"))
     average = SHARED / "atlas-sources" / "pydeface_mean_reg2mean.nii.gz"
     if average.exists():
         heads.append(average)
+    if args.side_by_side:
+        rows = side_by_side(heads, args.extra)
+        if args.out:
+            args.out.write_text("\n".join(rows) + "\n")
+        return
     import nibabel as nib
 
     rows = [
