@@ -17,13 +17,20 @@ Steps (every number is written down here, so a rerun reproduces the committed fi
    normalised to sum to 1.
 4. Head surface: marching cubes of the smoothed head mask at 1.5 mm, Taubin-smoothed; watertight,
    outward normals, edges of 1-2 mm.
-5. Labels: each vertex gets at most one region from the rules in ``label_vertices`` (boxes and
-   ellipsoids in MNI mm around landmarks read off the average head: nasion (0, 85, -45), nose
-   tip (0, 95, -72), lips (0, 96, -88), chin (0, 92, -100), eyes (+-33, 57, -45), ears
-   (+-84, -38, -48)); only vertices on the outer skin (seen from outside, facing away from the
-   head centre) are labelled.
+5. Labels: each vertex gets at most one region from the rules in ``label_vertices``, built from
+   face landmarks in MNI mm read off the average head and written down below (brow ridge,
+   nasion, nose base, mouth line, eyelids, pre-auricular skin, jaw line, menton). The face
+   (``face_domain``) is the outer skin below the brow ridge (dropping at the temples), in front
+   of the ears and above the jaw line and the chin's underside, where outward rays stay out of
+   the head (``rays_escape``); within it: eyes with their lids (ellipsoids), the nose (a band
+   widening from the nasion to the alae), the lower face (below the mouth line: lips, chin, jaw,
+   the chin's underside) and the upper face (the rest: cheeks, orbital rims, brows). Ears,
+   forehead and back of head as before. Only outer skin (seen from outside, facing away from the
+   head centre) is labelled. The peers' face regions (pydeface, caideface, AFNI refacer) are
+   sampled on the surface and the share of their skin below the brow that the default labels
+   cover goes into ``atlas.json`` (``peer_coverage``).
 6. Watermark: the word MIDEFACE in a 5x7 pixel font, projected from the front onto the lower face.
-7. QA renders of the labelled surface in ``qa/``.
+7. QA renders of the labelled surface in ``qa/``, and of each peer's face region beside ours.
 """
 
 from __future__ import annotations
@@ -54,8 +61,60 @@ SURFACE_MM = 1.5
 HEAD_THRESHOLD = 80.0
 CLOSING_VOX = 3
 VISIBLE_TOL_MM = 4.0
-#: The chin's underside is labelled in front of this coronal plane (the front of the neck).
-CHIN_MIN_Y_MM = 50.0
+#: Landmarks of the face (MNI mm), read off the average head's skin (its midline profile and
+#: coronal outlines); the labels are built from them.
+#: Brow ridge (glabella, midline): the face labels end at this height (z), the forehead starts.
+#: Lateral to the brows (|x| from ``BROW_LATERAL_MM[0]`` to ``[1]``) the edge drops to
+#: ``BROW_LATERAL_MM[2]``: the temples (temporal fossa, the brain behind a thin wall) are left
+#: out; the cheeks below them reach back to the ear.
+BROW_Z_MM = -22.0
+BROW_LATERAL_MM = (45.0, 70.0, -32.0)
+#: Nasion (0, 85, -50) and the nose's base beside the alae (z -84): the nose band is 8 mm
+#: wide each side of the midline at the nasion, 18 mm at its base, in front of y = 76.
+NOSE_HALF_WIDTH_MM = ((-48.0, 8.0), (-84.0, 18.0))
+NOSE_MIN_Y_MM = 76.0
+#: Mouth line (z): below the nose's base the lower face (lips, chin, jaw) starts.
+MOUTH_LINE_Z_MM = -84.0
+#: Eyes with their lids and canthi: the eyelid surface's centre (+-31, 72, -50) (the orbit's
+#: hollow on the average head, y 69-73 between z -62 and -40) and the ellipsoid's radii: inner
+#: canthus x 16, outer canthus x 46, lids from z -61 (lower) to -39 (upper, below the brow).
+EYELID_CENTRE_MM = (31.0, 72.0, -50.0)
+EYELID_RADII_MM = (15.0, 14.0, 11.0)
+#: Pre-auricular skin: the cheeks reach back to this coronal plane, behind the ear label's front
+#: edge (y = -14), so that no unlabelled strip is left between cheek and ear.
+PREAURICULAR_Y_MM = -16.0
+#: Lower edge of the face: from below the ear (y, z) = (-10, -102) along the jaw line and the
+#: chin's underside to the front of the neck at (y, z) = (50, -124) (the average head's chin
+#: runs into its throat without a fold: menton about (0, 81, -112)). Below the menton's height
+#: only skin that does not face backwards (normal y > ``UNDER_CHIN_MIN_NORMAL_Y``); nowhere skin
+#: facing straight down (normal z <= ``UNDER_CHIN_MIN_NORMAL_Z``: from the hollows under the jaw
+#: a ray runs down the subject's neck); and only where the outward rays stay out of the head
+#: (``rays_escape``).
+JAW_BACK_MM = (-10.0, -102.0)
+JAW_FRONT_MM = (50.0, -124.0)
+MENTON_Z_MM = -112.0
+UNDER_CHIN_MIN_NORMAL_Y = -0.1
+UNDER_CHIN_MIN_NORMAL_Z = -0.85
+#: The atlas head ends at the box's floor (z = -130); below this height the skin bends into
+#: the cap that closes the cut (its normals run down the neck), so no face label reaches it,
+#: and it is left out of the comparison with the peers.
+NECK_CUT_Z_MM = -124.0
+#: Outward rays are checked from this depth to this length (mm) in the average head's mask.
+RAY_START_MM = 3.0
+RAY_CHECK_MM = 60.0
+#: The labels defaced by default (``bracket.select_labels()``), compared with the peers.
+DEFAULT_FACE_LABELS = ("lower-face", "upper-face", "nose", "eyes", "ear-left", "ear-right")
+#: The peers' face regions (file in the atlas sources, and which value marks the face):
+#: pydeface's face mask (pydeface_mean space), caideface's face mask and AFNI refacer's shells
+#: (MNI 2009 space; shell 212 is the face, 211 the whole head).
+PEER_FACE_REGIONS = {
+    "pydeface": ("pydeface_facemask.nii.gz", "zero"),
+    "caideface": ("caideface_t1_facemask_mni55ext.nii.gz", "zero"),
+    "afni-refacer-face": ("niivue-deface_refacer_shell_sym212.nii.gz", "positive"),
+    "afni-refacer-head": ("niivue-deface_refacer_shell_sym211.nii.gz", "positive"),
+}
+#: Depth (mm) under the skin down to which the peers' regions are sampled.
+PEER_DEPTH_MM = 6.0
 #: Centre of the head (MNI mm): a labelled vertex must face away from it (no pockets or folds).
 HEAD_CENTRE_MM = np.array([0.0, -20.0, -30.0])
 EYE_CENTRES_MM = ((33.0, 57.0, -45.0), (-33.0, 57.0, -45.0))
@@ -93,8 +152,9 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
-def average_head_in_mni(sources: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1: the pydeface average head, affinely registered to MNI, on the 1 mm box."""
+def average_head_in_mni(sources: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1: the pydeface average head, affinely registered to MNI, on the 1 mm box (and the
+    MNI -> average head affine)."""
     ssw, ssw_aff = load(sources / "niivue-deface_MNI152_2009_SSW.nii.gz")
     avg, avg_aff = load(sources / "pydeface_mean_reg2mean.nii.gz")
     f2, f2_aff = register.smooth_downsample(ssw, ssw_aff, 2.0)
@@ -106,7 +166,7 @@ def average_head_in_mni(sources: Path) -> tuple[np.ndarray, np.ndarray]:
     mni_to_avg = register.register_affine(f2, f2_aff, m2, m2_aff, initial=init)
     shape, affine = box_grid(BUILD_MM)
     head = register.resample(avg, avg_aff, shape, affine, target_to_source=mni_to_avg)
-    return head, affine
+    return head, affine, mni_to_avg
 
 
 def head_mask(head: np.ndarray) -> np.ndarray:
@@ -222,42 +282,160 @@ def visible(vertices: np.ndarray, axis: int, sign: float, bin_mm: float = 2.0) -
     return height >= top[bins] - VISIBLE_TOL_MM
 
 
-def label_vertices(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """Step 5: per-vertex region index (0 = none), first matching rule wins."""
+def rays_escape(
+    vertices: np.ndarray, normals: np.ndarray, mask: np.ndarray, affine: np.ndarray
+) -> np.ndarray:
+    """Vertices whose outward normal ray (``RAY_START_MM`` to ``RAY_CHECK_MM``) stays in air.
+
+    A face vertex whose ray runs back into the head (the chin's underside near the neck, a
+    fold) would set its label's outward distance to the thickness of the neck. The neck goes on
+    below the box's floor in a subject: below ``NECK_CUT_Z_MM`` its slice there stands for it.
+    """
+    depths_mm = np.arange(RAY_START_MM, RAY_CHECK_MM + 1e-9, BUILD_MM)
+    points = vertices[:, None, :] + depths_mm[None, :, None] * normals[:, None, :]
+    ijk = np.rint(register.apply_affine(np.linalg.inv(affine), points.reshape(-1, 3)))
+    ijk = ijk.astype(np.intp)
+    neck_slice = int(
+        np.rint(register.apply_affine(np.linalg.inv(affine), [[0, 0, NECK_CUT_Z_MM]])[0, 2])
+    )
+    ijk[:, 2] = np.maximum(ijk[:, 2], neck_slice)  # the RAS box: slices run up from the floor
+    inside = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), axis=1)
+    hit = np.zeros(len(ijk), dtype=bool)
+    hit[inside] = mask[tuple(ijk[inside].T)]
+    return ~hit.reshape(len(vertices), -1).any(axis=1)
+
+
+def outer_skin(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Skin seen from outside: facing away from the head centre and outermost from the front,
+    a side or below (not the inside of a fold or pocket)."""
+    outer = np.einsum("ij,ij->i", vertices - HEAD_CENTRE_MM, normals) > 0
+    seen = (
+        visible(vertices, 1, 1.0)
+        | visible(vertices, 0, 1.0)
+        | visible(vertices, 0, -1.0)
+        | visible(vertices, 2, -1.0)
+    )
+    return outer & seen
+
+
+def jaw_line_z_mm(y_mm: np.ndarray) -> np.ndarray:
+    """Height (MNI z) of the face's lower edge: the jaw line, then the chin's underside."""
+    (y0, z0), (y1, z1) = JAW_BACK_MM, JAW_FRONT_MM
+    t = np.clip((y_mm - y0) / (y1 - y0), 0.0, 1.0)
+    return z0 + t * (z1 - z0)
+
+
+def brow_line_z_mm(x_mm: np.ndarray) -> np.ndarray:
+    """Height (MNI z) of the face's upper edge: the brow ridge, dropping at the temples."""
+    x0, x1, z1 = BROW_LATERAL_MM
+    t = np.clip((np.abs(x_mm) - x0) / (x1 - x0), 0.0, 1.0)
+    return BROW_Z_MM + t * (z1 - BROW_Z_MM)
+
+
+def face_domain(
+    vertices: np.ndarray, normals: np.ndarray, skin: np.ndarray, escape: np.ndarray
+) -> np.ndarray:
+    """The whole face below the brow ridge, back to the pre-auricular skin, down to the jaw
+    line, and the chin's underside where its rays stay out of the neck."""
+    x, y, z = vertices.T
+    not_backwards = (z >= MENTON_Z_MM) | (normals[:, 1] > UNDER_CHIN_MIN_NORMAL_Y)
+    not_down = normals[:, 2] > UNDER_CHIN_MIN_NORMAL_Z
+    return (
+        skin
+        & escape
+        & (y >= PREAURICULAR_Y_MM)
+        & (z < brow_line_z_mm(x))
+        & (z >= np.maximum(jaw_line_z_mm(y), NECK_CUT_Z_MM))
+        & not_backwards
+        & not_down
+    )
+
+
+def nose_region(vertices: np.ndarray) -> np.ndarray:
+    """The nose from the nasion to the alae: a band about the midline, widening downwards."""
+    x, y, z = vertices.T
+    (top_z, top_half), (bottom_z, bottom_half) = NOSE_HALF_WIDTH_MM
+    t = np.clip((top_z - z) / (top_z - bottom_z), 0.0, 1.0)
+    half_width = top_half + t * (bottom_half - top_half)
+    return (np.abs(x) <= half_width) & (z <= top_z) & (z >= bottom_z) & (y >= NOSE_MIN_Y_MM)
+
+
+def eye_region(vertices: np.ndarray) -> np.ndarray:
+    """Eyes with their lids and canthi: an ellipsoid about each eye's surface centre."""
+    x, y, z = vertices.T
+    cx, cy, cz = EYELID_CENTRE_MM
+    rx, ry, rz = EYELID_RADII_MM
+    return ((np.abs(x) - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1.0
+
+
+def label_vertices(vertices: np.ndarray, normals: np.ndarray, escape: np.ndarray) -> np.ndarray:
+    """Step 5: per-vertex region index (0 = none), first matching rule wins.
+
+    ``escape`` marks the vertices whose outward rays leave the head for good (``rays_escape``).
+    """
     x, y, z = vertices.T
     ax = np.abs(x)
-    outer = np.einsum("ij,ij->i", vertices - HEAD_CENTRE_MM, normals) > 0
-    front = (normals[:, 1] > 0.2) & (y > 20) & outer & visible(vertices, 1, 1.0)
-    side = outer & (visible(vertices, 0, 1.0) | visible(vertices, 0, -1.0))
+    skin = outer_skin(vertices, normals)
+    face = face_domain(vertices, normals, skin, escape)
+    side = skin & (visible(vertices, 0, 1.0) | visible(vertices, 0, -1.0))
     out = np.zeros(len(vertices), dtype=np.int16)
     idx = {name: i + 1 for i, name in enumerate(atlas_mod.LABELS)}
 
     def assign(name: str, sel: np.ndarray) -> None:
         out[(out == 0) & sel] = idx[name]
 
-    eye_surface = np.linalg.norm(
-        np.stack([ax - 33.0, y - 70.0, z + 45.0], -1), axis=-1
-    )  # point on the eyelids in front of each eyeball
-    assign("eyes", front & (eye_surface < 17.0))
-    assign("nose", front & (ax <= 16.0) & (z >= -82.0) & (z <= -42.0) & (y > 74.0))
+    assign("eyes", face & eye_region(vertices))
+    assign("nose", face & nose_region(vertices))
     ear = (((y + 38.0) / 24.0) ** 2 + ((z + 48.0) / 34.0) ** 2 < 1.0) & (ax > 62.0) & side
     assign("ear-left", ear & (x < 0))
     assign("ear-right", ear & (x > 0))
-    # the chin's lower curve too, where it still faces forward: outward normals there run down
-    # and forward into air. Not the underside: its normals run back into the neck, and one such
-    # vertex sets the label's outward distance (its maximum) to the length of the neck
-    under_chin = (
-        outer
-        & visible(vertices, 2, -1.0)
-        & (normals[:, 1] > 0.0)
-        & (normals[:, 2] < -0.3)
-        & (y > CHIN_MIN_Y_MM)
-    )
-    assign("lower-face", (front | under_chin) & (z < -82.0) & (z >= -140.0) & (ax < 55.0))
-    assign("upper-face", front & (z >= -82.0) & (z < -25.0) & (ax < 62.0) & (y > 30.0))
-    assign("forehead", front & (z >= -25.0) & (z < 40.0) & (ax < 55.0) & (y > 40.0))
-    assign("back-of-head", (y < -70.0) & (z >= -90.0) & (z < 20.0) & outer)
+    assign("lower-face", face & (z < MOUTH_LINE_Z_MM))
+    assign("upper-face", face)
+    front = skin & (normals[:, 1] > 0.2) & visible(vertices, 1, 1.0)
+    assign("forehead", front & (z >= BROW_Z_MM) & (z < 40.0) & (ax < 55.0) & (y > 40.0))
+    assign("back-of-head", (y < -70.0) & (z >= -90.0) & (z < 20.0) & skin)
     return out
+
+
+def peer_regions(
+    sources: Path, mni_to_avg: np.ndarray, vertices: np.ndarray, normals: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per vertex: inside the face region of each peer defacer anywhere from the skin to
+    ``PEER_DEPTH_MM`` under it (AFNI's shells are a few mm thick and follow their own skin).
+
+    pydeface's mask (0 = erase) lives on its average head, brought here by step 1's affine;
+    caideface's mask (0 = erase) and AFNI refacer's shells (> 0 = replaced) are in MNI space.
+    """
+    depths_mm = np.arange(0.0, PEER_DEPTH_MM + 1e-9, BUILD_MM)
+    points = (vertices[:, None, :] - depths_mm[None, :, None] * normals[:, None, :]).reshape(-1, 3)
+    out = {}
+    for name, (file, erase) in PEER_FACE_REGIONS.items():
+        img = nib.load(sources / file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        world = register.apply_affine(mni_to_avg, points) if name == "pydeface" else points
+        ijk = np.rint(register.apply_affine(np.linalg.inv(img.affine), world)).astype(np.intp)
+        inside = np.all((ijk >= 0) & (ijk < np.asarray(data.shape)), axis=1)
+        values = np.zeros(len(points), dtype=np.float32)
+        values[inside] = data[tuple(ijk[inside].T)]
+        face = inside & ((values == 0) if erase == "zero" else (values > 0))
+        out[name] = face.reshape(len(vertices), -1).any(axis=1)
+    return out
+
+
+def peer_coverage(
+    regions: np.ndarray, peers: dict[str, np.ndarray], skin: np.ndarray, z_mm: np.ndarray
+) -> dict[str, float]:
+    """Fraction of the outer skin below the brow (and above the neck's cut) that a peer defaces
+    and our default labels (the face labels and the ears) cover."""
+    default = [atlas_mod.LABELS.index(n) + 1 for n in DEFAULT_FACE_LABELS]
+    ours = np.isin(regions, default)
+    below = skin & (z_mm < BROW_Z_MM) & (z_mm >= NECK_CUT_Z_MM)
+    return {
+        name: round(
+            float(np.count_nonzero(ours & theirs & below) / np.count_nonzero(theirs & below)), 4
+        )
+        for name, theirs in peers.items()
+    }
 
 
 def watermark_vertices(
@@ -285,9 +463,11 @@ def save_qa(
     regions: np.ndarray,
     watermark: np.ndarray,
     priors: np.ndarray,
+    peers: dict[str, np.ndarray],
     qa_dir: Path,
 ) -> None:
-    """Step 7: renders of the labelled surface and slices of the most likely tissue class."""
+    """Step 7: renders of the labelled surface, of each peer's face region beside our labels,
+    and slices of the most likely tissue class."""
     from mideface_nipype import qa, render
 
     palette = np.array(
@@ -311,6 +491,27 @@ def save_qa(
         qa.save_png(
             render.render_mesh(mesh.vertices, mesh.faces, view=view, vertex_colors=colours),
             qa_dir / f"labels-{view}.png",
+        )
+    # each peer's face region below the brow: green where our default labels cover it, red
+    # where they do not; our labels elsewhere in blue
+    ours = np.isin(regions, [atlas_mod.LABELS.index(n) + 1 for n in DEFAULT_FACE_LABELS])
+    z = mesh.vertices[:, 2]
+    below = outer_skin(mesh.vertices, mesh.vertex_normals) & (z < BROW_Z_MM) & (z >= NECK_CUT_Z_MM)
+    for name, theirs in peers.items():
+        colours = np.tile([200.0, 200.0, 200.0], (len(regions), 1))
+        colours[ours] = [150, 150, 230]
+        colours[theirs & below & ours] = [60, 190, 60]
+        colours[theirs & below & ~ours] = [230, 40, 40]
+        views = [
+            render.render_mesh(mesh.vertices, mesh.faces, view=v, vertex_colors=colours)
+            for v in ("front", "left", "three-quarter")
+        ]
+        height = max(v.shape[0] for v in views)
+        qa.save_png(
+            np.concatenate(
+                [np.pad(v, ((0, height - v.shape[0]), (0, 4), (0, 0))) for v in views], 1
+            ),
+            qa_dir / f"peer-{name}.png",
         )
     tissue_colours = np.array(
         [
@@ -338,7 +539,7 @@ def save_qa(
 
 def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    head1, aff1 = average_head_in_mni(sources)
+    head1, aff1, mni_to_avg = average_head_in_mni(sources)
     mask1 = head_mask(head1)
     priors = downsample_priors(tissue_priors(sources, head1, mask1, aff1))
     shape2, aff2 = box_grid(atlas_mod.PRIOR_MM)
@@ -353,8 +554,15 @@ def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:
     nib.save(nib.Nifti1Image(priors, aff2), out / atlas_mod.PRIORS_FILE)
 
     mesh = head_surface(mask1, aff1)
-    regions = label_vertices(mesh.vertices, mesh.vertex_normals)
-    watermark = watermark_vertices(mesh.vertices, mesh.vertex_normals, regions)
+    normals = mesh.vertex_normals
+    regions = label_vertices(
+        mesh.vertices, normals, rays_escape(mesh.vertices, normals, mask1, aff1)
+    )
+    watermark = watermark_vertices(mesh.vertices, normals, regions)
+    peers = peer_regions(sources, mni_to_avg, mesh.vertices, normals)
+    coverage = peer_coverage(
+        regions, peers, outer_skin(mesh.vertices, normals), mesh.vertices[:, 2]
+    )
     atlas_mod.save_surface(out, mesh.vertices, mesh.faces, regions, watermark)
     meta = {
         "space": "MNI152 ICBM 2009 (via the MNI152_2009_SSW whole-head template)",
@@ -365,13 +573,34 @@ def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:
         "eye_radius_mm": EYE_RADIUS_MM,
         "watermark_text": WATERMARK_TEXT,
         "head_centre_mm": HEAD_CENTRE_MM.tolist(),
+        "face_landmarks_mm": {
+            "brow_z": BROW_Z_MM,
+            "brow_lateral_x0_x1_z": BROW_LATERAL_MM,
+            "nose_half_width_at_z": NOSE_HALF_WIDTH_MM,
+            "nose_min_y": NOSE_MIN_Y_MM,
+            "mouth_line_z": MOUTH_LINE_Z_MM,
+            "eyelid_centre": EYELID_CENTRE_MM,
+            "eyelid_radii": EYELID_RADII_MM,
+            "preauricular_y": PREAURICULAR_Y_MM,
+            "jaw_back_yz": JAW_BACK_MM,
+            "jaw_front_yz": JAW_FRONT_MM,
+            "menton_z": MENTON_Z_MM,
+            "neck_cut_z": NECK_CUT_Z_MM,
+        },
+        "peer_coverage": {
+            "what": "fraction of the atlas outer-skin vertices below the brow (z < "
+            f"{BROW_Z_MM:g}) and above the neck's cut (z >= {NECK_CUT_Z_MM:g}) inside each peer's "
+            f"face region (from the skin to {PEER_DEPTH_MM:g} mm under it) that the default labels "
+            f"({', '.join(DEFAULT_FACE_LABELS)}) cover",
+            **coverage,
+        },
         "build": {
             "box_min_mm": BOX_MIN_MM.tolist(),
             "box_max_mm": BOX_MAX_MM.tolist(),
             "head_threshold": HEAD_THRESHOLD,
             "closing_vox": CLOSING_VOX,
             "visible_tol_mm": VISIBLE_TOL_MM,
-            "chin_min_y_mm": CHIN_MIN_Y_MM,
+            "ray_check_mm": [RAY_START_MM, RAY_CHECK_MM],
             "surface_mm": SURFACE_MM,
             "prior_smooth_mm": PRIOR_SMOOTH_MM,
             "bone_intensity_frac": BONE_INTENSITY_FRAC,
@@ -380,7 +609,7 @@ def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:
     }
     (out / atlas_mod.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if qa_renders:
-        save_qa(mesh, regions, watermark, priors, out / "qa")
+        save_qa(mesh, regions, watermark, priors, peers, out / "qa")
 
 
 def main() -> None:

@@ -45,8 +45,10 @@ SEARCH_MARGIN_MM = 10.0
 #: Warnings: registration head Dice below this (it is refused below register.MIN_HEAD_DICE) ...
 WARN_HEAD_DICE = 0.85
 #: ... more than this fraction of the face's skin still within COINCIDE_MM of the defaced skin
-#: (the defaced skin follows the template, an average face that crosses the true one: 24-35 %
-#: of the face on the real heads here; more than half means the face was largely missed) ...
+#: (the defaced skin follows the template, an average face pushed outward by
+#: ``bracket.FACE_OFFSET_MM`` so that it lies outside most of the true one: 7-15 % of the face
+#: on the real heads here, 24-37 % without the push; more than half means the face was largely
+#: missed) ...
 WARN_COINCIDE_FRACTION = 0.5
 #: ... and more than this much face tissue (mm^2) on the edge of the field of view.
 WARN_FOV_CUT_MM2 = 100.0

@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ATLAS_SOURCES_DIR
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from mideface_nipype import atlas as atlas_mod
 from mideface_nipype.atlas import load_atlas
@@ -49,6 +51,48 @@ def test_labels_sit_where_their_names_say(atlas):
     assert (eyes[:, 0] < -15).sum() > 100 and (eyes[:, 0] > 15).sum() > 100
     face = np.concatenate([atlas.labels[n] for n in ("lower-face", "upper-face", "nose")])
     assert np.isin(atlas.watermark, face).all()
+
+
+#: Least share of each peer's face skin (below the brow, atlas outer skin) that the default
+#: labels cover. AFNI's face shell also covers the skin behind and below the ears (mastoid,
+#: side of the neck), which is no face; its whole-head shell covers the scalp too.
+MIN_PEER_COVERAGE = {"pydeface": 0.95, "caideface": 0.95, "afni-refacer-face": 0.75}
+
+
+def test_labels_cover_the_peers_face_regions(atlas):
+    coverage = atlas.meta["peer_coverage"]
+    for peer, least in MIN_PEER_COVERAGE.items():
+        assert coverage[peer] >= least, (peer, coverage[peer])
+
+
+def test_face_labels_are_anatomical(atlas):
+    """The face reaches from the brow ridge to under the chin and back to the ears; eyes and
+    nose sit where the landmarks are; every face label is one connected patch of skin."""
+    v = atlas.surface.vertices
+    marks = atlas.meta["face_landmarks_mm"]
+    face = np.concatenate([atlas.labels[n] for n in ("lower-face", "upper-face", "nose", "eyes")])
+    fv = v[face]
+    assert fv[:, 2].max() <= marks["brow_z"] + 1 and fv[:, 2].max() > marks["brow_z"] - 4
+    assert fv[:, 2].min() < marks["menton_z"] - 5  # the chin's underside
+    assert fv[:, 1].min() < 0  # the cheeks reach back to the ears (pre-auricular skin)
+    assert np.abs(fv[:, 0]).max() > 70
+    eyes = v[atlas.labels["eyes"]]
+    cx, cy, cz = marks["eyelid_centre"]
+    for side in (-1, 1):
+        half = eyes[np.sign(eyes[:, 0]) == side]
+        assert np.abs(half.mean(0) - [side * cx, cy, cz]).max() < 6
+    nose = v[atlas.labels["nose"]]
+    assert np.abs(nose[:, 0]).max() <= marks["nose_half_width_at_z"][1][1] + 0.5
+    assert nose[:, 1].max() > v[atlas.labels["eyes"], 1].max()
+    edges = atlas.surface.edges_unique
+    for name in ("lower-face", "upper-face", "nose"):
+        inside = np.zeros(len(v), bool)
+        inside[atlas.labels[name]] = True
+        keep = edges[inside[edges].all(1)]
+        graph = sparse.coo_matrix((np.ones(len(keep)), keep.T), shape=(len(v), len(v)))
+        _, comp = csgraph.connected_components(graph, directed=False)
+        sizes = np.bincount(comp[inside])
+        assert sizes.max() >= 0.98 * inside.sum(), name
 
 
 def test_surface_watertight_outward_and_fine(atlas):
@@ -106,6 +150,7 @@ def test_rebuild_reproduces_committed_atlas(tmp_path, atlas):
     for name in atlas_mod.LABELS:
         assert np.array_equal(rebuilt.labels[name], atlas.labels[name]), name
     assert np.array_equal(rebuilt.watermark, atlas.watermark)
+    assert rebuilt.meta == atlas.meta
     assert np.allclose(rebuilt.surface.vertices, atlas.surface.vertices, atol=1e-3)
     for name in atlas_mod.CLASSES:
         a = np.asarray(rebuilt.priors[name].dataobj)

@@ -103,7 +103,8 @@ def test_select_labels_order():
         "forehead",
         "back-of-head",
     ]
-    assert bk.FACE_LABELS[0] == bk.LabelSpec("lower-face", 2.0, 20.0)
+    assert bk.FACE_LABELS[0] == bk.LabelSpec("lower-face", 2.0, 20.0, bk.FACE_OFFSET_MM)
+    assert bk.FACE_LABELS[2] == bk.LabelSpec("nose", 2.0, 20.0, -bk.NOSE_PULL_MM)
     assert bk.FOREHEAD_LABEL.dist_in_max_mm == 3.0
 
 
@@ -298,7 +299,7 @@ def test_shell_voxels_drops_samples_outside_volume():
 def test_bracket_face_compartments_on_real_head(real_head, template, base_result):
     head, affine = real_head
     verts, faces, labels = template
-    face_mask, brackets, n_protected = base_result
+    face_mask, brackets, n_protected, blend = base_result
     assert face_mask.dtype == np.uint8 and face_mask.shape == head.shape
     counts = np.bincount(face_mask.ravel(), minlength=5)
     assert np.all(counts[1:] > 0), counts
@@ -310,28 +311,45 @@ def test_bracket_face_compartments_on_real_head(real_head, template, base_result
     assert [b.name for b in brackets] == [s.name for s in bk.select_labels()]
     for spec, b in zip(bk.FACE_LABELS, brackets, strict=False):
         assert b.n_vertices == labels[b.name].size > 0
+        # the inward searches count from the template, the outward ones from the moved surface:
+        # the face is pushed out (its median move is the full push), the nose pulled in
+        assert -bk.NOSE_PULL_MM <= b.offset_mm <= bk.FACE_OFFSET_MM
+        if spec.name == "nose":
+            assert b.offset_mm < 0
+        elif spec.name != "eyes":  # the eyes lie next to the nose: partly pulled with it
+            assert b.offset_mm > 0
         assert bk.label_bounds(b.vertex_dist_in_mm, b.vertex_dist_out_mm, spec) == (
             b.dist_in_mm,
             b.dist_out_mm,
         )
-        assert 2.0 <= b.dist_in_mm <= 20.0 + 1.0 and 2.0 <= b.dist_out_mm <= 100.0 + 1.0
+        assert 2.0 <= b.dist_in_mm <= 20.0 + 1.0 and 2.0 <= b.dist_out_mm <= 101.0
         assert b.vertex_dist_in_mm.shape == b.vertex_dist_out_mm.shape == (b.n_vertices,)
     assert [b.n_vertices for b in brackets[4:]] == [0, 0]  # ears: not labelled -> skipped
     json.dumps([b.to_dict() for b in brackets])
 
-    # The mask stays in front of the head centre and within the bracket depths of the labels
-    # (plus one triangle edge for triangles leaving the label and half a voxel diagonal).
+    # The mask stays within the bracket depths of the labels (plus the push of the template, one
+    # triangle edge for triangles leaving the label and half a voxel diagonal).
     centres = _voxel_centres_mm(head.shape, affine)[face_mask > 0]
-    assert centres[:, 1].min() > verts[:, 1].mean()
     label_verts = verts[np.concatenate(list(labels.values()))]
-    reach_mm = max(max(b.dist_in_mm, b.dist_out_mm) for b in brackets)
+    reach_mm = max(max(b.dist_in_mm, b.dist_out_mm) for b in brackets) + bk.FACE_OFFSET_MM
     assert cKDTree(label_verts).query(centres)[0].max() <= reach_mm + 4.0
+
+    # the blended per-vertex bounds: convex mixes of the label bounds, no step above the bound
+    labelled = [b for b in brackets if b.n_vertices]
+    assert min(b.dist_in_mm for b in labelled) - 1e-9 <= blend.dist_in_mm.min()
+    assert blend.dist_in_mm.max() <= max(b.dist_in_mm for b in labelled) + 1e-9
+    assert blend.dist_out_mm.max() <= max(b.dist_out_mm for b in labelled) + 1e-9
+    # smaller than the jumps of FreeSurfer's per-label bounds (the real atlas's bound,
+    # bk.MAX_BOUND_STEP_MM, is checked on every real head in test_engine.py)
+    jump_out = max(b.dist_out_mm for b in labelled) - min(b.dist_out_mm for b in labelled)
+    assert 0 < blend.max_step_out_mm < 0.5 * jump_out
+    json.dumps(blend.to_dict())
 
 
 def test_bracket_face_deterministic(real_head, template, base_result):
     head, affine = real_head
     verts, faces, labels = template
-    again, brackets, _ = bk.bracket_face(head, affine, verts, faces, labels)
+    again, brackets, _, _ = bk.bracket_face(head, affine, verts, faces, labels)
     np.testing.assert_array_equal(again, base_result[0])
     assert [b.dist_in_mm for b in brackets] == [b.dist_in_mm for b in base_result[1]]
 
@@ -340,13 +358,32 @@ def test_bracket_face_xmask_protects_and_counts(real_head, template, base_result
     head, affine = real_head
     verts, faces, labels = template
     xmask = _voxel_centres_mm(head.shape, affine)[..., 0] < verts[:, 0].mean()
-    face_mask, _, n_protected = bk.bracket_face(
+    face_mask, _, n_protected, _ = bk.bracket_face(
         head, affine, verts, faces, labels, xmask=xmask.astype(np.uint8)
     )
     base = base_result[0]
     assert not np.any(face_mask[xmask])
-    assert n_protected == np.count_nonzero((base > 0) & xmask) > 0
-    np.testing.assert_array_equal(face_mask[~xmask], base[~xmask])
+    assert n_protected > 0 and np.count_nonzero((base > 0) & xmask) > 0
+    # the inward shell only gets shallower near the exclusion mask (XMASK_ROOM_MM): nothing
+    # outside it is added
+    assert not np.any((face_mask > 0) & (base == 0))
+
+
+def test_bracket_face_keeps_room_to_the_exclusion_mask(real_head, template, base_result):
+    """With an exclusion mask 8 mm under the skin, the inward shell stops short of it (by
+    about XMASK_ROOM_MM), where without the mask it reaches deeper."""
+    head, affine = real_head
+    verts, faces, labels = template
+    zooms = nib.affines.voxel_sizes(affine)
+    depth_mm = ndi.distance_transform_edt(head, sampling=zooms)
+    xmask = depth_mm > 8.0
+    face_mask, _, _, _ = bk.bracket_face(
+        head, affine, verts, faces, labels, xmask=xmask.astype(np.uint8)
+    )
+    to_xmask_mm = ndi.distance_transform_edt(~xmask, sampling=zooms)
+    inner, inner_base = face_mask == 1, base_result[0] == 1
+    assert np.count_nonzero(inner_base & (to_xmask_mm < 1.5)) > 100
+    assert np.percentile(to_xmask_mm[inner], 1) >= 0.5 * bk.XMASK_ROOM_MM
 
 
 def test_bracket_face_watermark_raises_inward_shell(real_head, template, base_result):
@@ -357,13 +394,17 @@ def test_bracket_face_watermark_raises_inward_shell(real_head, template, base_re
     from_seed_mm = np.linalg.norm(verts[chin] - seed, axis=1)
     mark, core = chin[from_seed_mm < 15.0], chin[from_seed_mm < 8.0]
     assert core.size > 30
-    marked, brackets, _ = bk.bracket_face(head, affine, verts, faces, labels, watermark=mark)
+    # without the face offset, so that the emboss alone raises the shell
+    marked, brackets, _, _ = bk.bracket_face(
+        head, affine, verts, faces, labels, watermark=mark, push=False
+    )
+    base_mask, base_brackets, _, _ = bk.bracket_face(head, affine, verts, faces, labels, push=False)
 
     normal = bk.vertex_normals(verts, faces)[mark].mean(axis=0)
     centres = _voxel_centres_mm(head.shape, affine).reshape(-1, 3)
     offset_mm = ((centres - seed) @ (normal / np.linalg.norm(normal))).reshape(head.shape)
     near = _near_vertices(verts[core], head.shape, affine, 6.0)
-    base = base_result[0]
+    base = base_mask
     before, after = (near & np.isin(mask, (1, 2)) for mask in (base, marked))
     # The inward shell (1/2) moves out by about the emboss depth, above the template surface.
     rise_mm = np.median(offset_mm[after]) - np.median(offset_mm[before])
@@ -372,7 +413,7 @@ def test_bracket_face_watermark_raises_inward_shell(real_head, template, base_re
     assert np.count_nonzero(after & above) > 3 * np.count_nonzero(before & above) + 20
     # With unchanged label distances, nothing changes away from the watermark.
     bounds = [(b.dist_in_mm, b.dist_out_mm) for b in brackets]
-    assert bounds == [(b.dist_in_mm, b.dist_out_mm) for b in base_result[1]]
+    assert bounds == [(b.dist_in_mm, b.dist_out_mm) for b in base_brackets]
     far = ~ndi.binary_dilation(_near_vertices(verts[mark], head.shape, affine, 10.0), iterations=5)
     np.testing.assert_array_equal(marked[far], base[far])
 
@@ -381,11 +422,17 @@ def test_bracket_face_honours_label_spec_depth(real_head, template):
     head, affine = real_head
     verts, faces, labels = template
     nose = {"nose": labels["nose"]}
-    thin, thin_brackets, _ = bk.bracket_face(
-        head, affine, verts, faces, nose, label_specs=[bk.LabelSpec("nose")]
+    thin, thin_brackets, _, _ = bk.bracket_face(
+        head, affine, verts, faces, nose, label_specs=[bk.LabelSpec("nose")], push=False
     )
-    thick, thick_brackets, _ = bk.bracket_face(
-        head, affine, verts, faces, nose, label_specs=[bk.LabelSpec("nose", 6.0, 20.0)]
+    thick, thick_brackets, _, _ = bk.bracket_face(
+        head,
+        affine,
+        verts,
+        faces,
+        nose,
+        label_specs=[bk.LabelSpec("nose", 6.0, 20.0)],
+        push=False,
     )
     assert thin_brackets[0].dist_in_mm < 6.0 == thick_brackets[0].dist_in_mm
     assert np.count_nonzero(np.isin(thick, (1, 2))) > 2 * np.count_nonzero(np.isin(thin, (1, 2)))
@@ -395,7 +442,7 @@ def test_bracket_face_ripple_changes_mask(real_head, template, base_result):
     head, affine = real_head
     verts, faces, labels = template
     spec = bk.Ripple(tuple(verts.mean(axis=0)), amp_mm=1.5, period_mm=30.0)
-    rippled, _, _ = bk.bracket_face(head, affine, verts, faces, labels, ripple_spec=spec)
+    rippled, _, _, _ = bk.bracket_face(head, affine, verts, faces, labels, ripple_spec=spec)
     base = base_result[0]
     changed = np.count_nonzero(rippled != base)
     assert changed > 0.01 * np.count_nonzero(base)
@@ -412,7 +459,7 @@ def test_bracket_face_orientation_invariant(real_head, template, base_result):
 
     # new (a, b, c) = old (k, n0 - 1 - i, j)  ->  old (i, j, k) = (n0 - 1 - b, c, a)
     new_to_old = np.array([[0, -1, 0, n0 - 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
-    moved, _, _ = bk.bracket_face(reorient(head), affine @ new_to_old, verts, faces, labels)
+    moved, _, _, _ = bk.bracket_face(reorient(head), affine @ new_to_old, verts, faces, labels)
     expected = reorient(base_result[0])
     both = np.count_nonzero((moved > 0) & (expected > 0))
     dice = 2 * both / (np.count_nonzero(moved) + np.count_nonzero(expected))
@@ -434,3 +481,86 @@ def test_bracket_face_validates_inputs(real_head, template):
         bk.bracket_face(head, affine, verts, faces[:, :2], labels)
     with pytest.raises(ValueError, match="outside"):
         bk.bracket_face(head, affine, verts, faces, {"nose": [len(verts)]})
+
+
+def test_blend_bounds_smooths_a_step_and_keeps_constants():
+    """Two labels side by side on a 1 mm grid: the blend is smooth, monotone across the border,
+    a convex mix of the two values, and leaves a constant field unchanged."""
+    x, y = np.meshgrid(np.arange(-60.0, 61.0), np.arange(-20.0, 21.0), indexing="ij")
+    points = np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], 1)
+    values = np.where(points[:, 0] < 0, 2.0, 12.0)
+    out = bk.blend_bounds(points, values)
+    assert 2.0 - 1e-9 <= out.min() and out.max() <= 12.0 + 1e-9
+    row = out.reshape(x.shape)[:, 20]
+    assert np.all(np.diff(row) >= -1e-12)
+    # Gaussian of width sigma: the steepest slope is 10 / (sigma sqrt(2 pi)) per mm
+    assert np.abs(np.diff(row)).max() <= 10.0 / (bk.BLEND_SIGMA_MM * np.sqrt(2 * np.pi)) * 1.05
+    assert row[0] == pytest.approx(2.0, abs=1e-6) and row[-1] == pytest.approx(12.0, abs=1e-6)
+    np.testing.assert_allclose(bk.blend_bounds(points, np.full(len(points), 5.0)), 5.0)
+    both = bk.blend_bounds(points, np.stack([values, 2 * values], 1))
+    np.testing.assert_allclose(both[:, 1], 2 * out)
+    far = bk.blend_bounds(points, values, query_mm=[[0.0, 500.0, 0.0]])
+    assert np.isnan(far).all()
+
+
+def test_offset_field_tapers_to_the_edge():
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=80.0)
+    inside = sphere.vertices[:, 1] > 20.0
+    field = bk.offset_field(sphere.vertices, inside, sphere.faces, 6.0, 8.0)
+    assert np.all(field[~inside] == 0)
+    assert field.max() == pytest.approx(6.0)
+    edge_dist = cKDTree(sphere.vertices[~inside]).query(sphere.vertices[inside])[0]
+    assert np.all(field[inside][edge_dist >= 8.0] == 6.0)
+    order = np.argsort(edge_dist)
+    assert np.all(np.diff(field[inside][order]) >= 0) and field[inside].min() < 6.0
+    # smoothstep's steepest slope is 1.5 offset / taper
+    longest_mm = sphere.edges_unique_length.max()
+    step_mm = bk.max_edge_step(sphere.faces, np.ones(len(field), bool), field)
+    assert 0 < step_mm <= 1.5 * 6.0 / 8.0 * longest_mm
+
+
+def test_shell_voxels_per_vertex_distances():
+    """A constant per-vertex distance sweeps what the scalar does; a varying one sweeps each
+    corner to its own depth."""
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=20.0)
+    normals = bk.vertex_normals(sphere.vertices, sphere.faces)
+    shape, affine = (64, 64, 64), np.eye(4)
+    affine[:3, 3] = -32.0
+    args = (sphere.vertices, normals, sphere.faces)
+    scalar = bk.shell_voxels(*args, -4.0, 1 / 3, shape, affine)
+    per_vertex = bk.shell_voxels(*args, np.full(len(sphere.vertices), -4.0), 1 / 3, shape, affine)
+    np.testing.assert_array_equal(scalar, per_vertex)
+    varying = np.where(sphere.vertices[:, 2] > 0, -8.0, -2.0)
+    ijk = (
+        np.argwhere(
+            np.isin(
+                np.arange(64**3), bk.shell_voxels(*args, varying, 1 / 3, shape, affine)
+            ).reshape(shape)
+        )
+        - 32.0
+    )
+    r = np.linalg.norm(ijk, axis=1)
+    assert r[ijk[:, 2] > 5].min() < 13.5 and r[ijk[:, 2] < -5].min() > 16.5
+
+
+def test_face_offset_pushes_the_face_and_pulls_the_nose():
+    """On a sphere with a 'face' cap and a 'nose' inside it: the face moves out by the full
+    push away from its edges, the nose (and the skin within NOSE_MARGIN_MM of it) moves in,
+    everything else stays, and the move has no step (smoothsteps: where the pushed and pulled
+    regions meet, both slopes add up)."""
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=80.0)
+    v = sphere.vertices
+    nose = np.flatnonzero(v[:, 1] > 76.0)
+    face = np.flatnonzero((v[:, 1] > 20.0) & (v[:, 1] <= 76.0))
+    specs = (bk.LabelSpec("face", offset_mm=8.0), bk.LabelSpec("nose", offset_mm=-4.0))
+    field = bk.face_offset(v, sphere.faces, specs, (face, nose))
+    assert np.all(field[v[:, 1] <= 20.0] == 0)
+    assert field[np.argmax(v[:, 1])] == pytest.approx(-4.0)
+    assert field.max() == pytest.approx(8.0) and field.min() == pytest.approx(-4.0)
+    near_nose = cKDTree(v[nose]).query(v[face])[0] <= bk.NOSE_MARGIN_MM
+    assert np.all(field[face[near_nose]] <= 0)
+    longest_mm = sphere.edges_unique_length.max()
+    steepest = 8.0 / bk.OFFSET_TAPER_MM + 4.0 / bk.NOSE_TAPER_MM
+    assert bk.max_edge_step(sphere.faces, np.ones(len(v), bool), field) <= (
+        1.5 * steepest * longest_mm + 1e-9
+    )

@@ -36,7 +36,9 @@ class _BracketInputSpec(SubjectGridInputSpec):
 class _BracketOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="face mask (uint8, 0 untouched, compartments 1-4)")
     out_distances = File(
-        exists=True, desc="JSON: per-label DistIn/DistOut and per-vertex distances"
+        exists=True,
+        desc="JSON: per-label DistIn/DistOut and per-vertex searches; 'blended': per-vertex "
+        "bounds after blending across labels, and their largest step",
     )
     out_stats = File(exists=True, desc="JSON: per-label DistIn/DistOut, protected voxels, seconds")
 
@@ -63,7 +65,7 @@ class Bracket(StepInterface):
                 ripple_spec = bracket.Ripple(
                     tuple(centre), self.inputs.ripple_amp_mm, self.inputs.ripple_period_mm
                 )
-            face_mask, brackets, n_protected = bracket.bracket_face(
+            face_mask, brackets, n_protected, blend = bracket.bracket_face(
                 head,
                 affine,
                 surf.darrays[0].data,
@@ -87,13 +89,17 @@ class Bracket(StepInterface):
             }
             for b in brackets
         }
+        # the per-label bounds blended across label borders, and their largest step between
+        # neighbouring template vertices (mm): the seams FreeSurfer's per-label bounds leave
+        record["blended_bounds"] = blend.summary()
         record["voxels_protected"] = n_protected
         record["compartment_voxels"] = {
             str(k): int(np.count_nonzero(face_mask == k)) for k in range(1, 5)
         }
         self._results["out_file"] = save_mask(face_mask, affine, runtime, "face_mask.nii.gz")
         self._results["out_distances"] = write_json(
-            {b.name: b.to_dict() for b in brackets}, out_path(runtime, "distances.json")
+            {**{b.name: b.to_dict() for b in brackets}, "blended": blend.to_dict()},
+            out_path(runtime, "distances.json"),
         )
         self._results["out_stats"] = write_json(record, out_path(runtime, "bracket.json"))
         return runtime
