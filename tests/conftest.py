@@ -1,16 +1,21 @@
-"""Shared fixtures: the real heads that live in ``../shared/data/heads`` beside the checkout."""
+"""Shared fixtures: the real heads that live in ``../shared/data/heads`` beside the checkout,
+and the session's cache of expensive results (``runcache``)."""
 
+import os
 import re
 from pathlib import Path
 
 import pytest
+import runcache
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 HEADS_DIR = SHARED_DIR / "data" / "heads"
 ATLAS_SOURCES_DIR = SHARED_DIR / "data" / "atlas-sources"
 #: How a test module reaches the real data in ``../shared``.
 _USES_SHARED = re.compile(
-    r"\b(HEADS_DIR|ATLAS_SOURCES_DIR|SHARED_DIR|heads_dir)\b|^from (brain|bids_data) import", re.M
+    r"\b(HEADS_DIR|ATLAS_SOURCES_DIR|SHARED_DIR|heads_dir|default_run)\b"
+    r"|^from (brain|bids_data) import",
+    re.M,
 )
 
 #: Heads with the whole face in view (T1w); colin27 has nose and mouth cut by the box.
@@ -58,3 +63,27 @@ def nipype_crash_files(tmp_path_factory) -> Path:
     crash_dir = tmp_path_factory.mktemp("crash")
     config.set("execution", "crashdump_dir", str(crash_dir))
     return crash_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_cache(tmp_path_factory) -> Path:
+    """The session's cache folder, beside the xdist workers' temporary folders (so all of them
+    share it); registrations are shared through it for the whole session."""
+    base = tmp_path_factory.getbasetemp()
+    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    runcache.configure(session / "runcache")
+    with runcache.shared_registrations():
+        yield runcache.cache_root()
+
+
+@pytest.fixture
+def fresh_registrations():
+    """For a test of the registration's repeatability: every registration of the test runs."""
+    with runcache.fresh_registrations():
+        yield
+
+
+def default_run(head: str, *options: str, **kwargs) -> Path:
+    """``mideface --i HEADS_DIR/head --odir DIR *options`` made once per session: DIR, read-only
+    (``runcache.default_run``; ``--pics`` is the runs of test_engine and test_report)."""
+    return runcache.default_run(HEADS_DIR / head, *options, **kwargs)

@@ -33,6 +33,7 @@ def private_tmp(tmp_path_factory):
     tempfile.tempdir = saved
 
 
+@pytest.mark.slow
 def test_deface_of_a_loaded_file_equals_the_command(tmp_path, private_tmp):
     result = mideface_nipype.deface(nib.load(FROM_FILE), seed=7)
     assert list(private_tmp.iterdir()) == []  # nothing left behind
@@ -50,6 +51,7 @@ def test_deface_of_a_loaded_file_equals_the_command(tmp_path, private_tmp):
     assert result.transform.shape == (4, 4) and "registration" in result.stats
 
 
+@pytest.mark.slow
 def test_deface_of_an_image_built_in_memory_with_another_contrast(tmp_path, private_tmp):
     """A notebook's image (an array and an affine, no file) and a second contrast."""
     loaded = nib.load(IN_MEMORY)

@@ -13,6 +13,9 @@ from scipy.spatial.transform import Rotation
 from mideface_nipype import apply, cli, fill, io, register
 from mideface_nipype.workflows import init_mideface_wf, workflow_outputs
 
+#: Every test here runs the engine on real heads (or needs a run that does).
+pytestmark = pytest.mark.slow
+
 #: The synthetic second contrast: rotation (degrees about x, y, z), voxel size (mm).
 SYNTH_ROTATION_DEG = (15.0, -8.0, 10.0)
 SYNTH_VOXEL_MM = 2.5

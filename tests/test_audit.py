@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import re
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ATLAS_SOURCES_DIR, HEADS_DIR
+from brain import shared_brain_mask
+from conftest import ATLAS_SOURCES_DIR, HEADS_DIR, default_run
 
-from mideface_nipype import audit, audit_cli, evaluate, evaluate_peers, io
+from mideface_nipype import audit, audit_cli, evaluate_peers, io
 
 #: quickshear (a peer under test, not ours) warns about numpy 2's 2-D cross products.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:quickshear")
@@ -53,13 +54,14 @@ def heads(tmp_path_factory) -> Path:
     (folder / "intact_IXI012.nii.gz").symlink_to(HEADS_DIR / IXI)
     (folder / "intact_dcmqa.nii.gz").symlink_to(HEADS_DIR / DCMQA)
     (folder / "boxcut_colin27.nii.gz").symlink_to(HEADS_DIR / COLIN)
-    defaced = folder / "mideface_IXI012.nii.gz"
-    cli = [sys.executable, "-m", "mideface_nipype.cli", "--i", str(HEADS_DIR / IXI)]
-    subprocess.run([*cli, "--o", str(defaced)], check=True, capture_output=True)
+    # the session's run of the head (its --o output is the same volume)
+    shutil.copyfile(
+        default_run(IXI, "--pics") / "defaced.nii.gz", folder / "mideface_IXI012.nii.gz"
+    )
     ixi = io.load_volume(HEADS_DIR / IXI)
     nib.save(evaluate_peers.pydeface_ants(ixi), folder / "pydeface_IXI012.nii.gz")
     dcmqa = io.load_volume(HEADS_DIR / DCMQA)
-    brain = evaluate.independent_brain_mask(dcmqa, ATLAS_SOURCES_DIR)
+    brain = shared_brain_mask(dcmqa, ATLAS_SOURCES_DIR)
     nib.save(evaluate_peers.quickshear_deface(dcmqa, brain), folder / "quickshear_dcmqa.nii.gz")
     return folder
 
@@ -72,6 +74,7 @@ def audited(heads, tmp_path_factory):
     return code, out_dir
 
 
+@pytest.mark.slow
 def test_verdicts_on_real_heads(audited):
     _, out_dir = audited
     rows = {Path(r["path"]).name: r for r in _tsv(out_dir / audit_cli.TSV_NAME)}
@@ -98,6 +101,7 @@ def _figures(section: str) -> list[tuple[str, bytes]]:
     return [(Path(alt).name, base64.b64decode(data)) for data, alt in found]
 
 
+@pytest.mark.slow
 def test_exit_code_and_html(audited):
     code, out_dir = audited
     assert code == audit_cli.EXIT_FLAGGED
@@ -114,6 +118,7 @@ def test_exit_code_and_html(audited):
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.slow
 def test_clean_folder_exits_0_and_prints_the_table(heads, tmp_path, capsys):
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -152,6 +157,7 @@ def _bids_tree(root: Path, image: Path) -> list[str]:
     return sorted(str(root / rel) for rel in anat)
 
 
+@pytest.mark.slow
 def test_bids_form_finds_every_anatomical_image(heads, tmp_path, capsys):
     root = tmp_path / "ds"
     expected = _bids_tree(root, heads / "mideface_IXI012.nii.gz")
@@ -185,6 +191,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, capsys, case):
     assert not out_dir.exists() and out == ""
 
 
+@pytest.mark.slow
 def test_an_image_without_head_is_not_audited_and_the_rest_is(heads, tmp_path, capsys):
     cube = np.zeros((40, 40, 40), np.float32)
     cube[15:25, 15:25, 15:25] = 100.0  # 8 mL: no head

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import trimesh
-from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR
+from brain import shared_brain_mask
+from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
 
 from mideface_nipype import eval_cli, evaluate, evaluate_peers, io, register, render
 from mideface_nipype.atlas import load_atlas
@@ -151,6 +153,7 @@ def test_run_measured_reports_peak_memory_and_failures():
         evaluate.run_measured([sys.executable, "-c", "raise SystemExit('boom')"])
 
 
+@pytest.mark.slow
 def test_describe_face_on_a_real_render_and_fallback():
     """An intact head's frontal render holds a detected face; an empty picture uses the box."""
     img = nib.load(HEADS_DIR / FACE_HEADS[0])
@@ -165,6 +168,7 @@ def test_describe_face_on_a_real_render_and_fallback():
     assert np.linalg.norm(face.descriptor - empty.descriptor) > 0.6
 
 
+@pytest.mark.slow
 def test_control_identifies_turned_intact_heads_at_rank_1():
     """The attack works on the real heads with a whole face: every frontal render holds a
     detected face, and at least 90 % of the +-30 deg views rank their own frontal render first."""
@@ -228,11 +232,12 @@ def test_tissue_volumes_repeatable_and_blind_to_voxels_outside_the_brain():
     assert evaluate.percent_change(before, after) == pytest.approx(dict.fromkeys(before, 0.0))
 
 
+@pytest.mark.slow
 def test_independent_brain_mask_is_repeatable():
     """SyN and N4 are seeded and single-threaded: the same image gives the same mask, so a
     change of the mask re-estimated on a defaced image comes from the defacing."""
     img = nib.load(HEADS_DIR / FACE_HEADS[2])
-    first = evaluate.independent_brain_mask(img, ATLAS_SOURCES_DIR)
+    first = shared_brain_mask(img, ATLAS_SOURCES_DIR)  # the session's, made in another test
     assert np.array_equal(first, evaluate.independent_brain_mask(img, ATLAS_SOURCES_DIR))
     assert 900 < first.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 < 2000  # mL
 
@@ -244,6 +249,7 @@ def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     src = HEADS_DIR / FACE_HEADS[1]
     out = tmp_path / "pydeface.nii.gz"
@@ -270,6 +276,7 @@ def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     assert evaluate.voxels_changed(before, after, brain_subj) == 0
 
 
+@pytest.mark.slow
 def test_pydeface_method_defaces_where_the_engine_would_refuse(tmp_path):
     """On dcmqa the engine's pose check refuses the pydeface template's registration (pose ratio
     1.23 < 1.3); pydeface has no such check, so its method defaces it all the same."""
@@ -290,15 +297,45 @@ def test_bad_input_is_one_line_and_no_output(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def _session_defacer(method: str, head: Path, out: Path, brain_mask: Path) -> list[str]:
+    """A process that copies the session's run of ``head`` (``mideface --i HEAD --odir``: the
+    engine and volume of the command ``eval_cli.defacer_command`` gives) to ``out``."""
+    command = _DEFACER_COMMAND(method, head, out, brain_mask)
+    assert method == "mideface" and command[0] == sys.executable
+    assert command[1:] == [
+        "-m",
+        "mideface_nipype.cli",
+        "--force",
+        "--i",
+        str(head),
+        "--o",
+        str(out),
+    ]
+    defaced = default_run(head.name, "--pics") / "defaced.nii.gz"
+    copy = (
+        "import shutil, sys, pathlib; pathlib.Path(sys.argv[2]).parent.mkdir(parents=True, "
+        "exist_ok=True); shutil.copyfile(sys.argv[1], sys.argv[2])"
+    )
+    return [sys.executable, "-c", copy, str(defaced), str(out)]
+
+
+_DEFACER_COMMAND = eval_cli.defacer_command
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """``mideface-eval`` on three real heads with our defacer only."""
+    """``mideface-eval`` on three real heads with our defacer only; the defaced heads and the
+    original heads' brain masks are the session's (test_engine's runs, ``brain``)."""
     out = tmp_path_factory.mktemp("eval")
     heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
-    assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(eval_cli, "defacer_command", _session_defacer)
+        patch.setattr(evaluate, "independent_brain_mask", shared_brain_mask)
+        assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_e2e_control_identifies_intact_turned_heads(e2e):
     _, summary = e2e
     control = summary["control"]
@@ -306,6 +343,7 @@ def test_e2e_control_identifies_intact_turned_heads(e2e):
     assert control["rank1"] / control["probes"] >= 0.9
 
 
+@pytest.mark.slow
 def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     out, summary = e2e
     row = summary["methods"]["mideface"]
@@ -325,6 +363,7 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     assert "mideface-nipype" in table and "control" in table
 
 
+@pytest.mark.slow
 def test_e2e_rerun_reuses_cached_subjects(e2e, capsys):
     out, summary = e2e
     heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
@@ -337,6 +376,7 @@ def test_sources_hold_the_independent_mask_templates():
         assert (ATLAS_SOURCES_DIR / name).is_file()
 
 
+@pytest.mark.slow
 def test_icp_attacker_realigns_moved_heads_and_tells_people_apart():
     """The 3-D attacker: each intact head, moved by a small rigid motion, is put back by ICP of
     the skin outside the face and matched to itself (r near 1) before two other people."""

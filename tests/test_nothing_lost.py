@@ -175,6 +175,7 @@ def shared_run(tmp_path_factory) -> dict:
 # ----------------------------------------------------------------------------- the shared run
 
 
+@pytest.mark.slow
 def test_inputs_unchanged_and_odir_complete(shared_run):
     assert {p: md5(p) for p in shared_run["inputs"]} == shared_run["before"]
     assert tree(shared_run["od"]) == ODIR_NAMES  # no staging folder, temp or lock file left
@@ -182,6 +183,7 @@ def test_inputs_unchanged_and_odir_complete(shared_run):
     assert not list(root.glob(".*lock")) and not (root / "od2").exists()
 
 
+@pytest.mark.slow
 def test_outputs_get_the_umask_mode(shared_run, tmp_path, capsys):
     od = shared_run["od"]
     for name in ODIR_NAMES - {"log"}:
@@ -200,6 +202,7 @@ def test_outputs_get_the_umask_mode(shared_run, tmp_path, capsys):
     assert {p: md5(p) for p in shared_run["inputs"]} == shared_run["before"]
 
 
+@pytest.mark.slow
 def test_mgz_of_a_scaled_nifti_keeps_the_code_and_the_values(shared_run, capsys):
     od = shared_run["od"]
     code, out, _ = run_cli(["--check", od / "defaced.mgz"], capsys)
@@ -216,11 +219,13 @@ def test_mgz_of_a_scaled_nifti_keeps_the_code_and_the_values(shared_run, capsys)
     assert "RepetitionTime" in sidecar and "Defacing" in sidecar
 
 
+@pytest.mark.slow
 def test_log_and_messages_of_the_run(shared_run):
     log = (shared_run["od"] / "log" / "mideface.log").read_text()
     assert "done in" in log and "error" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "words"),
     [("same odir", ["output folder", "od"]), ("same work dir", ["work folder", "wd"])],
@@ -366,6 +371,7 @@ def _fake_outputs(shared_run) -> dict:
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fails", ["third copy", "second move into odir"])
 def test_failure_while_publishing_leaves_no_output(
     shared_run, tmp_path, capsys, monkeypatch, head, fails
@@ -695,6 +701,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"previous result"
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_run_leaves_no_output(tmp_path, head):
     """A scheduler's kill (SIGTERM) while the engine works: exit 130, only the log, saying so."""
     od = tmp_path / "od"
@@ -712,6 +719,7 @@ def test_sigterm_during_a_run_leaves_no_output(tmp_path, head):
     assert not list(tmp_path.glob(".*.lock"))
 
 
+@pytest.mark.slow
 def test_o_without_suffix_is_said_to_be_a_folder_before_the_run(
     shared_run, tmp_path, capsys, monkeypatch, head
 ):

@@ -10,18 +10,24 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import HEADS_DIR
+from conftest import ALL_T1W_HEADS, HEADS_DIR, default_run
 from PIL import Image
 
 from mideface_nipype import __version__, cli, io, render, report
 
-#: Two full runs: a 2 mm IXI head stored PSR (named the BIDS way, with a sidecar) and the RAS
-#: int16 sample head.
+#: Two full runs (shared with the session, see ``runcache``), name -> (head, options, sidecar):
+#: a 2 mm IXI head stored PSR, named the BIDS way, with a sidecar, and the RAS int16 sample head
+#: (the run test_engine makes of it).
 RUNS = {
-    "sub-01_T1w.nii.gz": HEADS_DIR / "IXI014-HH-1236-T1_ds.nii.gz",
-    "dcmqa.nii.gz": HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz",
+    "sub-01_T1w.nii.gz": (
+        HEADS_DIR / "IXI014-HH-1236-T1_ds.nii.gz",
+        ("--pics", "--no-samseg"),
+        '{"RepetitionTime": 2.3}\n',
+    ),
+    "dcmqa.nii.gz": (HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz", ("--pics",), None),
 }
-ALL_HEADS = sorted(HEADS_DIR.glob("*.nii.gz"))
+#: Every real head (named, not globbed: without ../shared the tests skip saying why).
+ALL_HEADS = sorted(HEADS_DIR / name for name in [*ALL_T1W_HEADS, "chris_PD.nii.gz"])
 CHROMIUM = shutil.which("chromium")
 #: Collects, once the page has loaded, how many pictures it has and which failed to load.
 IMAGE_PROBE = (
@@ -33,22 +39,16 @@ IMAGE_PROBE = (
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """``mideface --pics`` on both heads; the output folder of each."""
-    root = tmp_path_factory.mktemp("pics")
+def runs() -> dict[str, Path]:
+    """``mideface --pics`` on both heads; the (read-only) output folder of each."""
     out = {}
-    for name, head in RUNS.items():
-        src = root / "in" / name
-        src.parent.mkdir(exist_ok=True)
-        shutil.copyfile(head, src)
-        if report.is_bids_name(src):
-            (root / "in" / "sub-01_T1w.json").write_text('{"RepetitionTime": 2.3}\n')
-        odir = root / name.split(".")[0]
-        assert cli.main(["--i", str(src), "--odir", str(odir), "--pics", "--no-samseg"]) == 0
-        out[name] = odir
+    for name, (head, options, sidecar) in RUNS.items():
+        bids_name = name if report.is_bids_name(Path(name)) else None
+        out[name] = default_run(head.name, *options, name=bids_name, sidecar=sidecar)
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_pics_writes_pictures_surfaces_and_the_dist_to_face_check(runs, name):
     odir = runs[name]
@@ -105,11 +105,13 @@ def assert_renders_differ_in_the_face_only(original_path: Path, odir: Path) -> N
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_renders_differ_in_the_face_and_not_at_the_back_of_the_head(runs, name):
-    assert_renders_differ_in_the_face_only(RUNS[name], runs[name])
+    assert_renders_differ_in_the_face_only(RUNS[name][0], runs[name])
 
 
+@pytest.mark.slow
 def test_report_lists_everything_and_warns_only_when_needed(runs):
     for name, odir in runs.items():
         text = (odir / "report.html").read_text()
@@ -134,6 +136,7 @@ def test_report_lists_everything_and_warns_only_when_needed(runs):
     assert "90.0 %" in found[2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 def test_report_opens_in_headless_chromium_with_every_picture(runs, tmp_path):
     page = tmp_path / "report.html"
@@ -157,7 +160,8 @@ def test_report_opens_in_headless_chromium_with_every_picture(runs, tmp_path):
     assert f'data-images="{len(report.PICTURES)}"' in body and 'data-broken=""' in body
 
 
-def test_bids_named_input_gets_a_sidecar_and_every_output_names_the_tool(runs):
+@pytest.mark.slow
+def test_bids_named_input_gets_a_sidecar_and_every_output_names_the_tool(runs, tmp_path):
     odir = runs["sub-01_T1w.nii.gz"]
     sidecar = json.loads((odir / "defaced.json").read_text())
     assert sidecar["RepetitionTime"] == 2.3  # the source's metadata is kept
@@ -170,7 +174,7 @@ def test_bids_named_input_gets_a_sidecar_and_every_output_names_the_tool(runs):
     assert descrip.startswith(f"defaced by mideface-nipype {__version__}")
     # FreeSurfer's --apply mode too
     source = odir.parent / "in" / "sub-01_T1w.nii.gz"
-    out = odir.parent / "apply" / "sub-01_T1w.nii.gz"
+    out = tmp_path / "apply" / "sub-01_T1w.nii.gz"
     mask = odir / "face.mask.nii.gz"
     assert cli.main(["--apply", str(source), str(mask), "regheader", str(out)]) == 0
     record = json.loads((out.parent / "sub-01_T1w.json").read_text())["Defacing"]
@@ -192,12 +196,13 @@ def test_write_sidecar_merges_an_existing_one(tmp_path):
 
 def test_pics_without_odir_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "out.nii.gz"
-    code = cli.main(["--i", str(RUNS["dcmqa.nii.gz"]), "--o", str(out), "--pics"])
+    code = cli.main(["--i", str(RUNS["dcmqa.nii.gz"][0]), "--o", str(out), "--pics"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--pics needs --odir" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ALL_HEADS, ids=lambda p: p.name.split(".")[0])
 def test_pictures_of_every_original_head(head):
     """Skin, renders, distances and slices on each real head (scanner pose, no defacing)."""

@@ -26,6 +26,9 @@ from scipy.spatial.transform import Rotation
 from mideface_nipype import cli, fill, headmask, io, register
 from mideface_nipype.atlas import load_atlas
 
+#: Every test here runs the engine on real heads (or needs a run that does).
+pytestmark = pytest.mark.slow
+
 #: The real 2 mm head every variant is made from (IXI, uint8 with scl_slope).
 REF_PATH = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
 #: A 1 mm head for the thick-slice sagittal case (its face is cut by the box; the brain is whole).

@@ -1,6 +1,7 @@
 """Tests of the SAMSEG-style segmentation on real heads (T1w, PD) and a synthetic T2-like contrast.
 
-Registrations (about 5 s a head) and segmentations are computed once per module and shared.
+Segmentations are computed once per module and shared; registrations once per session (the
+engine's runs of the same heads give the same ones, see ``runcache``).
 """
 
 import time
@@ -91,12 +92,14 @@ def _measured_segment(data, affine, head, atlas, matrix) -> tuple[Segmentation, 
 
 @pytest.fixture(scope="module")
 def cases(atlas):
-    """Lazily computed, cached per head: image, head mask, registration, segmentation."""
-    cache: dict[str, Case] = {}
+    """Lazily computed, cached per head, grid and given registration: image, head mask,
+    registration, segmentation."""
+    cache: dict[tuple, Case] = {}
 
     def get(name: str, matrix: np.ndarray | None = None, spacing_mm: float = 0.0) -> Case:
         """``spacing_mm`` > 0: use the head resampled (anti-aliased) to that axis-aligned grid."""
-        if name not in cache:
+        key = (name, spacing_mm, None if matrix is None else matrix.tobytes())
+        if key not in cache:
             img = nib.load(HEADS_DIR / name)
             data = io.first_frame(img)
             if spacing_mm > 0:
@@ -106,8 +109,8 @@ def cases(atlas):
             if matrix is None:
                 matrix = _register(atlas, data, img.affine, head)
             seg, seconds, peak = _measured_segment(data, img.affine, head, atlas, matrix)
-            cache[name] = Case(img, data, head, matrix, seg, seconds, peak)
-        return cache[name]
+            cache[key] = Case(img, data, head, matrix, seg, seconds, peak)
+        return cache[key]
 
     return get
 
@@ -169,6 +172,7 @@ def reference_brain_mask(data: np.ndarray, affine: np.ndarray, head: np.ndarray)
     return register.resample(brain.astype(np.float32), aff, data.shape, affine) > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DICE_HEADS)
 def test_brain_matches_independent_skull_strip(cases, name):
     case = cases(name)
@@ -195,6 +199,7 @@ def _atlas_points(case: Case, mask: np.ndarray) -> np.ndarray:
     return register.apply_affine(case.subject_to_atlas @ case.img.affine, np.argwhere(mask))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EYE_HEADS)
 def test_eyes_in_both_orbits(cases, name):
     case = cases(name)
@@ -238,6 +243,7 @@ def _ray_directions() -> np.ndarray:
     return np.array(dirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BONE_HEADS)
 def test_bone_between_brain_and_scalp(cases, name):
     """Along rays from the brain centre, bone lies between the brain and the outer soft tissue."""
@@ -268,6 +274,7 @@ def test_bone_between_brain_and_scalp(cases, name):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pd_slab_matches_t1w_same_session(cases):
     """A real PD slab and the T1w of the same session agree on the brain (in world space).
 
@@ -276,6 +283,7 @@ def test_pd_slab_matches_t1w_same_session(cases):
     T1w is taken at 2 mm (the segmentation's grid) to keep the test fast.
     """
     t1w = cases(CHRIS_T1W, spacing_mm=SEGMENT_MM)
+    assert np.allclose(register.voxel_sizes(t1w.img.affine), SEGMENT_MM)  # not the 0.88 mm case
     pd = cases(CHRIS_PD, matrix=t1w.subject_to_atlas)
     t1_brain = brain_mask(t1w.seg.labels).astype(np.float32)
     t1_on_pd = register.resample(t1_brain, t1w.img.affine, pd.data.shape, pd.img.affine) > 0.5
@@ -330,6 +338,7 @@ def synthetic_t2(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return np.hypot(out + noise[0], noise[1]).astype(np.float32), new_affine
 
 
+@pytest.mark.slow
 def test_synthetic_t2_on_rotated_grid_matches_t1w(cases, atlas):
     case = cases(IXI_HEADS[0])
     t2, t2_affine = synthetic_t2(case, np.random.default_rng(0))
@@ -351,6 +360,7 @@ def test_synthetic_t2_on_rotated_grid_matches_t1w(cases, atlas):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_output_contract_and_determinism(cases, atlas):
     case = cases(IXI_HEADS[0])
     seg = case.seg
@@ -370,6 +380,7 @@ def test_output_contract_and_determinism(cases, atlas):
     assert again.icv_ml == seg.icv_ml
 
 
+@pytest.mark.slow
 def test_same_labels_whatever_the_voxel_order(cases, atlas):
     """The same head stored with permuted and flipped axes (same world) gives the same labels."""
     case = cases(IXI_HEADS[0])
@@ -389,6 +400,7 @@ def test_same_labels_whatever_the_voxel_order(cases, atlas):
     assert np.mean(seg.labels == expected) > 0.999
 
 
+@pytest.mark.slow
 def test_exclusion_mask(cases):
     case = cases(IXI_HEADS[0])
     mask = exclusion_mask(case.seg, case.head)
@@ -411,6 +423,7 @@ def test_rejects_mismatched_inputs(atlas):
         segment(np.ones((8, 8, 8)), np.eye(4), np.zeros((8, 8, 8), bool), atlas, np.eye(4))
 
 
+@pytest.mark.slow
 def test_report_cost(cases):
     """Not a timing test: prints segment() time and peak memory; checks the memory budget."""
     for name in (IXI_HEADS[0], COLIN):
