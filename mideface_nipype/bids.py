@@ -1,11 +1,14 @@
 """BIDS datasets: find each session's T1w and other anatomical images, name and write derivatives.
 
-Plain functions, no Nipype: ``discover`` lists the sessions to deface, ``validate`` checks every
-input before any work, ``plan_derivatives`` / ``prepare_in_place`` decide what a run defaces
-(skipping what is already defaced, refusing to overwrite), ``face_mask_name`` and
-``sidecar_path`` give the BIDS-derivative names, and ``write_session_outputs`` publishes one
-session's results (all or nothing, with sidecars). The graph that drives them lives in
-``bids_workflows``.
+Plain functions, no Nipype: ``discover`` lists the sessions to deface (every anatomical suffix
+of BIDS, ``.bidsignore`` and fMRIPrep-style filters honoured), ``validate`` checks every input
+before any work, ``plan_derivatives`` / ``prepare_in_place`` decide what a run defaces (skipping
+what is already defaced, refusing to overwrite), ``defaced_name``, ``face_mask_name`` (a
+``_dseg`` with its label table), ``exclusion_mask_name`` and ``sidecar_path`` give the
+BIDS-derivative names, ``write_session_outputs`` publishes one session's results (all or
+nothing, with sidecars, in millimetres, its report and pictures) and ``write_subject_report``
+the subject's ``sub-<label>.html``. The derivative dataset passes the official validator
+(``bids-validator-deno``). The graph that drives them lives in ``bids_workflows``.
 
 In place, nothing can be lost: before a raw image is replaced, its original is copied to
 ``OUTPUT/sourcedata`` (fsynced) and its checksum recorded in ``sourcedata/mideface-manifest.json``
@@ -17,23 +20,35 @@ old one moves to ``sourcedata/superseded/<checksum>/``) and defaced.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import html
 import json
 import logging
 import os
 import re
 import stat
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mideface_nipype import __version__, fill, io
+import nibabel as nib
+
+from mideface_nipype import __version__, fill, io, qa, report
 
 LOGGER = logging.getLogger("mideface")
 
-#: The contrast whose face mask defaces the rest of its session.
+#: The BIDS version whose schema the names and metadata here follow (the schema that
+#: bids-validator 3.0.2 bundles), written into the derivative dataset.
+BIDS_VERSION = "1.11.1"
+#: The contrast whose face mask defaces the rest of its session (``--bids-filter-file`` may
+#: name others under ``"t1w": {"suffix": ...}``).
 REFERENCE_SUFFIX = "T1w"
-#: Anatomical (``anat/``) suffixes defaced with the reference's face mask (BIDS 1.9 + legacy).
+#: Every anatomical (``anat/``) image suffix of BIDS 1.11.1 (schema ``rules.files.raw.anat``:
+#: nonparametric, parametric, megre, mese, multiflip, multiinversion, mp2rage, vfamt, mtr), but
+#: ``defacemask``; all of them show the face and are defaced with the reference's face mask.
 ANAT_SUFFIXES = (
+    # nonparametric (T2star, FLASH, PD: deprecated, still found in older datasets)
     "T1w",
     "T2w",
     "PDw",
@@ -46,9 +61,42 @@ ANAT_SUFFIXES = (
     "T2star",
     "FLASH",
     "PD",
+    # parametric
+    "T1map",
+    "T2map",
+    "T2starmap",
+    "R1map",
+    "R2map",
+    "R2starmap",
+    "PDmap",
+    "MTRmap",
+    "MTsat",
+    "UNIT1",
+    "T1rho",
+    "MWFmap",
+    "MTVmap",
+    "Chimap",
+    "S0map",
+    "M0map",
+    # file collections
+    "MEGRE",
+    "MESE",
+    "VFA",
+    "IRT1",
+    "MP2RAGE",
+    "MPM",
+    "MTS",
+    "MTR",
 )
-#: BIDS version written into a new derivative dataset when the raw dataset names none.
-BIDS_VERSION = "1.9.0"
+#: ``desc`` of the defaced images in the derivative dataset, so they can be told from the raw
+#: ones (pybids: ``layout.get(desc="defaced")``).
+DEFACED_DESC = "defaced"
+#: ``desc`` of the face masks (``_dseg``; the other images' add their suffix: ``faceT2w``) and
+#: of the exclusion mask (``_mask``).
+FACE_DESC = "face"
+EXCLUSION_DESC = "exclusion"
+#: Where the published code of this package lives (``GeneratedBy.CodeURL``).
+CODE_URL = "https://pypi.org/project/mideface-nipype/"
 #: Where an in-place run keeps the raw images, inside the derivative dataset.
 ORIGINALS_DIR = "sourcedata"
 #: The in-place record, inside ``ORIGINALS_DIR``: dataset identity, checksums of each original
@@ -56,15 +104,125 @@ ORIGINALS_DIR = "sourcedata"
 MANIFEST_NAME = "mideface-manifest.json"
 #: Where an original replaced by new raw data is kept, inside ``ORIGINALS_DIR``.
 SUPERSEDED_DIR = "superseded"
+#: A session's report and pictures, inside ``sub-<label>/`` of the derivative dataset.
+FIGURES_DIR = "figures"
+#: Files of the derivative dataset that BIDS does not name (reports, pictures, transforms):
+#: its ``.bidsignore``.
+BIDSIGNORE = ("*.html", f"sub-*/{FIGURES_DIR}", "*_xfm.txt")
 #: A BIDS label: letters and digits only.
 LABEL_RE = re.compile(r"[A-Za-z0-9]+")
-FACE_MASK_DESCRIPTION = (
-    "MiDeFace face mask on this image's grid: 0 untouched, 1 tissue under the template face, "
-    "2 air under it, 3 tissue beyond it, 4 air beyond it"
+#: The face mask's compartments (``bracket.bracket_face``) as the rows of its ``dseg.tsv``:
+#: index, name, abbreviation, colour (as in slices.png), description.
+FACE_LABELS = (
+    (0, "untouched", "U", "#000000", "left as it is, bit for bit"),
+    (
+        1,
+        "inward_tissue",
+        "IT",
+        "#ff9628",
+        "between the template face and its inward projection, in the head: tissue noise",
+    ),
+    (
+        2,
+        "inward_air",
+        "IA",
+        "#ffeb3c",
+        "between the template face and its inward projection, in air: tissue noise",
+    ),
+    (
+        3,
+        "outward_tissue",
+        "OT",
+        "#3cd2ff",
+        "between the template face and its outward projection, in the head: background noise",
+    ),
+    (
+        4,
+        "outward_air",
+        "OA",
+        "#506eff",
+        "between the template face and its outward projection, in air: background noise",
+    ),
 )
+#: The segmentation's picture (``--samseg``) and its caption in the subject's report.
+SEGMENTATION_PICTURE = "segmentation.png"
+SEGMENTATION_CAPTION = (
+    "The segmentation that makes the exclusion mask (brain, skull, eyes): label borders on "
+    "slices through the head centre."
+)
+#: Keys of the raw dataset's description that hold for its defaced copy too.
+CARRIED_KEYS = (
+    "License",
+    "Authors",
+    "Acknowledgements",
+    "HowToAcknowledge",
+    "Funding",
+    "EthicsApprovals",
+    "ReferencesAndLinks",
+)
+README_TEMPLATE = """\
+# {name}
+
+A BIDS derivative dataset written by `mideface-bids` (mideface-nipype {version}, a
+reimplementation of FreeSurfer's MiDeFace): every anatomical image of the raw dataset
+(`DatasetLinks.raw` in `dataset_description.json`) with its face replaced by noise,
+the brain, skull base and eyes untouched, bit for bit.
+
+Per subject and session, in `anat/`:
+
+- `*_desc-defaced_<suffix>.nii[.gz]` and `.json`: the defaced image (same grid, data type and
+  scaling as the raw one) and its metadata: the raw sidecar after inheritance, `Sources`,
+  `SkullStripped: false`, `SpatialReference`, `Description`, `DefaceSeed`.
+- `*_desc-face_dseg.nii.gz` (`.tsv`, `.json`): the face mask of the reference image (the T1w),
+  a labelled segmentation: 0 untouched, 1-2 between the template face and its inward
+  projection (in the head, in air), 3-4 between it and its outward projection (in the head,
+  in air); the `.tsv` names the labels.
+- `*_desc-face<suffix>_dseg.nii.gz`: the same mask carried onto another image's grid.
+- `*_desc-exclusion_mask.nii.gz`: the voxels defacing never modifies (brain, skull, eyes).
+- `*_from-<suffix>_to-mideface_mode-image_xfm.txt`: the 4x4 RAS matrix from the reference's
+  millimetres to the atlas's, which `mideface-bids --init-reg` reads back.
+
+`sub-<label>.html` is each subject's report (pictures and session reports in
+`sub-<label>/figures/`); reports and transforms are listed in `.bidsignore`.
+
+Query with pybids:
+
+```python
+from bids import BIDSLayout
+
+layout = BIDSLayout("<raw dataset>", derivatives="<this folder>")
+defaced = layout.get(scope="mideface-nipype", desc="defaced", extension=".nii.gz")
+t1w = layout.get(scope="mideface-nipype", desc="defaced", suffix="T1w", subject="01")
+masks = layout.get(scope="mideface-nipype", desc="face", suffix="dseg", extension=".nii.gz")
+```
+
+Licence: the raw dataset's ({license}).
+"""
+FACE_MASK_DESCRIPTION = (
+    "MiDeFace face mask on this image's grid (labels in the .tsv beside it): 0 untouched, "
+    "1 tissue inside the template face, 2 air inside it, 3 tissue beyond it, 4 air beyond it"
+)
+#: The ``description`` column of the face mask's ``dseg.tsv``, defined in its sidecar.
+LABEL_COLUMN_DESCRIPTION = "where the label lies and what fills it"
 EXCLUSION_MASK_DESCRIPTION = (
     "voxels defacing never modifies: brain and eyes (and skull, from the segmentation), dilated"
 )
+#: fMRIPrep's ``--bids-filter-file`` entity names -> the short names of file names.
+FILTER_ENTITIES = {
+    "session": "ses",
+    "task": "task",
+    "acquisition": "acq",
+    "ceagent": "ce",
+    "reconstruction": "rec",
+    "direction": "dir",
+    "run": "run",
+    "echo": "echo",
+    "flip": "flip",
+    "inversion": "inv",
+    "mtransfer": "mt",
+    "part": "part",
+    "chunk": "chunk",
+}
 
 
 @dataclass(frozen=True)
@@ -117,15 +275,117 @@ def parse_name(name: str) -> tuple[list[tuple[str, str]], str, str]:
     return entities, suffix, ext
 
 
-def _images(anat: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in anat.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and io.split_suffix(p.name)[1] in (".nii.gz", ".nii")
-        and parse_name(p.name)[1] in ANAT_SUFFIXES
-    )
+def read_bidsignore(root: Path) -> list[str]:
+    """The patterns of the dataset's ``.bidsignore`` (none when there is no such file)."""
+    path = root / ".bidsignore"
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def is_ignored(rel: str, patterns: list[str]) -> bool:
+    """Whether ``.bidsignore`` ``patterns`` (gitignore style, as the validator reads them)
+    exclude ``rel``: a pattern with a ``/`` is anchored at the root, one without matches any
+    file or folder name, a trailing ``/`` matches folders only, ``**/`` any depth."""
+    parts = Path(rel).parts
+    for pattern in patterns:
+        depth = len(parts) - 1 if pattern.endswith("/") else len(parts)
+        body = pattern.strip("/")
+        if body.startswith("**/"):  # at any depth: every tail of every prefix
+            body = body[3:]
+            names = ["/".join(parts[j : i + 1]) for i in range(depth) for j in range(i + 1)]
+        elif "/" in body:  # anchored at the root: every prefix
+            names = ["/".join(parts[: i + 1]) for i in range(depth)]
+        else:  # any file or folder name
+            names = list(parts[:depth])
+        if any(fnmatch.fnmatchcase(name, body) for name in names):
+            return True
+    return False
+
+
+def load_filters(path: str | Path) -> dict[str, dict]:
+    """fMRIPrep's ``--bids-filter-file``: {query: {entity: value}}; ``InputError`` naming the
+    file when it is not one.
+
+    A query is named after a lower-case suffix (``t1w``, ``t2w``, ``flair``, ``unit1``, ...)
+    and filters the images of that suffix; ``t1w`` filters the reference and may name its
+    suffix (``"suffix": "UNIT1"``). A value is a label, a list of labels, ``null`` (the entity
+    must be absent) or ``"*"`` (it must be present). Queries of other datatypes (``bold``,
+    ``fmap``, ...) do not concern anatomical images and are left out.
+    """
+    filters = _load_json(Path(path))
+    known = (*FILTER_ENTITIES, "datatype", "suffix", "extension")
+    for name, query in filters.items():
+        if not isinstance(query, dict):
+            raise io.InputError(f"{path}: query '{name}' is not an object of entity filters")
+        for entity in query:
+            if entity not in known:
+                raise io.InputError(
+                    f"{path}: unknown entity '{entity}' in query '{name}' "
+                    f"(known: {', '.join(known)})"
+                )
+    return filters
+
+
+def _wanted(value: object, have: str | None) -> bool:
+    """Whether an entity value ``have`` (None: absent) passes one filter value."""
+    if value is None:
+        return have is None
+    if value == "*":
+        return have is not None
+    if have is None:
+        return False
+    for want in value if isinstance(value, list) else [value]:
+        if isinstance(want, int) and have.isdigit():
+            if int(have) == want:
+                return True
+        elif str(want) == have:
+            return True
+    return False
+
+
+def _passes(name: str, query: dict) -> bool:
+    entities, _, ext = parse_name(name)
+    labels = dict(entities)
+    for key, value in query.items():
+        if key == "datatype":
+            ok = _wanted(value, "anat")
+        elif key == "extension":
+            ok = _wanted(value, ext) or _wanted(value, ext.lstrip("."))
+        elif key == "suffix":
+            continue  # chooses the query, see _query_of
+        else:
+            ok = _wanted(value, labels.get(FILTER_ENTITIES[key]))
+        if not ok:
+            return False
+    return True
+
+
+def reference_suffixes(filters: dict[str, dict]) -> list[str]:
+    """The suffixes a reference may have, in order of preference (default ``T1w``)."""
+    value = filters.get("t1w", {}).get("suffix", REFERENCE_SUFFIX)
+    return list(value) if isinstance(value, list) else [str(value)]
+
+
+def _images(anat: Path, root: Path, ignored: list[str], filters: dict[str, dict]) -> list[Path]:
+    """The anatomical images of an ``anat/`` folder that ``.bidsignore`` and the filters keep."""
+    references = reference_suffixes(filters)
+    found = []
+    for path in sorted(anat.iterdir()):
+        suffix = parse_name(path.name)[1]
+        if (
+            not path.is_file()
+            or path.name.startswith(".")
+            or io.split_suffix(path.name)[1] not in (".nii.gz", ".nii")
+            or suffix not in (*ANAT_SUFFIXES, *references)
+            or is_ignored(str(path.relative_to(root)), ignored)
+        ):
+            continue
+        query = filters.get("t1w" if suffix in references else suffix.lower(), {})
+        if _passes(path.name, query):
+            found.append(path)
+    return found
 
 
 def _check_label(folder: Path, entity: str) -> None:
@@ -155,14 +415,26 @@ def _check_entities(image: Path, subject_dir: Path, folder: Path) -> None:
             )
 
 
-def discover(bids_dir: str | Path, participant_labels: list[str] | None = None) -> list[Session]:
-    """Sessions of a BIDS dataset that have a T1w, in order; raise ``InputError`` if none."""
+def discover(
+    bids_dir: str | Path,
+    participant_labels: list[str] | None = None,
+    filters: dict[str, dict] | None = None,
+) -> list[Session]:
+    """Sessions of a BIDS dataset that have a reference (T1w), in order; raise ``InputError``
+    if none. ``.bidsignore`` is honoured; ``filters`` are ``load_filters``'s queries."""
     root = Path(bids_dir).resolve()
     if not root.is_dir():
         raise io.InputError(f"{bids_dir}: BIDS folder not found")
     if not (root / "dataset_description.json").is_file():
         raise io.InputError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
-    subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
+    filters = filters or {}
+    references = reference_suffixes(filters)
+    ignored = read_bidsignore(root)
+    subjects = sorted(
+        p
+        for p in root.glob("sub-*")
+        if p.is_dir() and not is_ignored(str(p.relative_to(root)), ignored)
+    )
     if participant_labels:
         wanted = [label.removeprefix("sub-") for label in participant_labels]
         known = {p.name.removeprefix("sub-") for p in subjects}
@@ -178,17 +450,24 @@ def discover(bids_dir: str | Path, participant_labels: list[str] | None = None) 
             if folder != subject_dir:
                 _check_label(folder, "ses")
             anat = folder / "anat"
-            images = _images(anat) if anat.is_dir() else []
+            images = _images(anat, root, ignored, filters) if anat.is_dir() else []
             for image in images:
                 _check_entities(image, subject_dir, folder)
-            t1w = [p for p in images if parse_name(p.name)[1] == REFERENCE_SUFFIX]
+            candidates = [
+                p for suffix in references for p in images if parse_name(p.name)[1] == suffix
+            ]
             label = folder.relative_to(root)
-            if not t1w:
+            if not candidates:
                 if images:
-                    LOGGER.warning("%s: no T1w, skipped (%d other images)", label, len(images))
+                    LOGGER.warning(
+                        "%s: no %s, skipped (%d other images)",
+                        label,
+                        " or ".join(references),
+                        len(images),
+                    )
                 continue
             rel = [str(p.relative_to(root)) for p in images]
-            reference = str(t1w[0].relative_to(root))
+            reference = str(candidates[0].relative_to(root))
             sessions.append(
                 Session(
                     subject=subject_dir.name.removeprefix("sub-"),
@@ -199,25 +478,70 @@ def discover(bids_dir: str | Path, participant_labels: list[str] | None = None) 
                 )
             )
     if not sessions:
-        raise io.InputError(f"{bids_dir}: no T1w image found in any sub-*/[ses-*/]anat folder")
+        raise io.InputError(
+            f"{bids_dir}: no {' or '.join(references)} image found in any sub-*/[ses-*/]anat folder"
+        )
     return sessions
 
 
-def face_mask_name(rel: str, *, reference: bool, desc: str = "face") -> str:
-    """``sub-01_T1w.nii.gz`` -> ``sub-01_desc-face_mask.nii.gz``.
+def derivative_name(rel: str, *, desc: str, suffix: str | None = None, ext: str = "") -> str:
+    """``rel`` with ``desc-<desc>`` as its last entity (and another ``suffix`` or extension):
+    ``sub-01/anat/sub-01_T1w.nii.gz`` -> ``sub-01/anat/sub-01_desc-defaced_T1w.nii.gz``."""
+    path = Path(rel)
+    entities, own_suffix, own_ext = parse_name(path.name)
+    parts = [f"{k}-{v}" for k, v in entities if k != "desc"] + [f"desc-{desc}"]
+    return str(path.parent / ("_".join([*parts, suffix or own_suffix]) + (ext or own_ext)))
+
+
+def defaced_name(rel: str) -> str:
+    """Where a defaced image goes in the derivative dataset (``desc-defaced``)."""
+    return derivative_name(rel, desc=DEFACED_DESC)
+
+
+def face_mask_name(rel: str, *, reference: bool) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_desc-face_dseg.nii.gz``, a labelled segmentation.
 
     The other images of a session name their contrast in the description
-    (``sub-01_desc-faceT2w_mask.nii.gz``), since they often share every entity with the T1w.
+    (``sub-01_desc-faceT2w_dseg.nii.gz``), since they often share every entity with the T1w.
     """
-    path = Path(rel)
+    label = FACE_DESC if reference else f"{FACE_DESC}{parse_name(Path(rel).name)[1]}"
+    return derivative_name(rel, desc=label, suffix="dseg", ext=".nii.gz")
+
+
+def exclusion_mask_name(reference: str) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_desc-exclusion_mask.nii.gz``."""
+    return derivative_name(reference, desc=EXCLUSION_DESC, suffix="mask", ext=".nii.gz")
+
+
+def transform_name(reference: str) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_from-T1w_to-mideface_mode-image_xfm.txt``: the 4x4 RAS
+    matrix (subject mm -> atlas mm) that ``--init-reg DIR`` reads back."""
+    path = Path(reference)
     entities, suffix, _ = parse_name(path.name)
-    label = desc if reference else f"{desc}{suffix}"
-    parts = [f"{k}-{v}" for k, v in entities if k != "desc"] + [f"desc-{label}", "mask.nii.gz"]
+    parts = [f"{k}-{v}" for k, v in entities if k != "desc"]
+    parts += [f"from-{suffix}", "to-mideface", "mode-image", "xfm.txt"]
     return str(path.parent / "_".join(parts))
 
 
 def sidecar_path(rel: str) -> str:
     return io.split_suffix(rel)[0] + ".json"
+
+
+def labels_path(rel: str) -> str:
+    """The label table (``dseg.tsv``) beside a segmentation."""
+    return io.split_suffix(rel)[0] + ".tsv"
+
+
+def figure_name(session: Session | str, name: str) -> str:
+    """``sub-01/figures/sub-01_ses-pre_<name>``: a session's report or picture."""
+    label = session if isinstance(session, str) else session.label
+    return f"{label.split('_')[0]}/{FIGURES_DIR}/{label}_{name}"
+
+
+def face_labels_tsv() -> str:
+    """The ``dseg.tsv`` of every face mask."""
+    rows = [("index", "name", "abbreviation", "color", "description"), *FACE_LABELS]
+    return "".join("\t".join(map(str, row)) + "\n" for row in rows)
 
 
 def inherited_metadata(bids_dir: str | Path, rel: str) -> dict:
@@ -295,6 +619,42 @@ def validate(
             io.load_volume(root / rel, max_gb=max_gb)
 
 
+def _session_file(folder: Path, rel: str, option: str) -> Path:
+    if not folder.is_dir():
+        raise io.InputError(f"{folder}: {option} folder not found")
+    path = folder / rel
+    if not path.is_file():
+        raise io.InputError(f"{path}: not found ({option} {folder} names a file per session)")
+    return path
+
+
+def session_xmasks(sessions: list[Session], folder: str | Path) -> dict[str, Path]:
+    """{session label: its own exclusion mask}, ``folder`` laid out as a derivative dataset of
+    this package (``exclusion_mask_name``); each on its reference's grid, else ``InputError``."""
+    found = {}
+    for session in sessions:
+        path = _session_file(Path(folder), exclusion_mask_name(session.reference), "--xmask")
+        shape = io.load_volume(path).shape[:3]
+        grid = io.load_volume(session.source(session.reference)).shape[:3]
+        if shape != grid:
+            raise io.InputError(
+                f"{path}: the exclusion mask has shape {shape}, not the grid {grid} of "
+                f"{session.reference}"
+            )
+        found[session.label] = path
+    return found
+
+
+def session_transforms(sessions: list[Session], folder: str | Path) -> dict[str, Path]:
+    """{session label: its initial 4x4 RAS transform} (``transform_name`` in ``folder``)."""
+    found = {}
+    for session in sessions:
+        path = _session_file(Path(folder), transform_name(session.reference), "--init-reg")
+        io.load_matrix(path)
+        found[session.label] = path
+    return found
+
+
 def defaced_mark(bids_dir: str | Path, rel: str) -> str | None:
     """Why the image ``rel`` counts as defaced already (None if it does not): the ``descrip``
     stamp, a ``Defacing`` record in its sidecar, or the provenance code in its voxels."""
@@ -355,36 +715,75 @@ def plan_derivatives(
     return planned
 
 
-def dataset_description(bids_dir: str | Path) -> dict:
-    """``dataset_description.json`` of the derivative dataset."""
-    root = Path(bids_dir).resolve()
+def dataset_description(bids_dir: str | Path, output_dir: str | Path) -> dict:
+    """``dataset_description.json`` of the derivative dataset: licence, authors and funding of
+    the raw dataset carried over, the raw dataset linked by its path relative to the output
+    (``DatasetLinks.raw``, so ``Sources`` can say ``bids:raw:...``) and by its DOI, if any."""
+    root, out = Path(bids_dir).resolve(), Path(output_dir).resolve()
     raw = _load_json(root / "dataset_description.json")
-    return {
+    source = {"URL": "bids:raw:"}
+    if raw.get("DatasetDOI"):
+        source["DOI"] = raw["DatasetDOI"]
+    description = {
         "Name": f"{raw.get('Name', root.name)} (defaced by mideface-nipype)",
-        "BIDSVersion": raw.get("BIDSVersion", BIDS_VERSION),
+        "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
+    }
+    description |= {key: raw[key] for key in CARRIED_KEYS if raw.get(key)}
+    return description | {
         "GeneratedBy": [
             {
                 "Name": "mideface-nipype",
                 "Version": __version__,
                 "Description": "minimally invasive defacing (a MiDeFace reimplementation)",
+                "CodeURL": CODE_URL,
             }
         ],
-        "SourceDatasets": [{"URL": root.as_uri()}],
-        "DatasetLinks": {"raw": root.as_uri()},
+        "SourceDatasets": [source],
+        "DatasetLinks": {"raw": os.path.relpath(root, out)},
     }
 
 
+def derivative_readme(description: dict) -> str:
+    """The derivative dataset's README: what each file is, how to query it with pybids."""
+    return README_TEMPLATE.format(
+        name=description["Name"],
+        version=__version__,
+        license=description.get("License", "not stated in the raw dataset"),
+    )
+
+
 def write_dataset_description(bids_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write (or leave, when unchanged) the derivative dataset's description."""
-    path = Path(output_dir) / "dataset_description.json"
-    text = _json_text(dataset_description(bids_dir))
-    if not path.is_file() or path.read_text() != text:
-        io.remove_stale_temps(path)
-        io.Publisher([Path(bids_dir) / "dataset_description.json"], force=True).write_text(
-            text, path
-        )
-    return path
+    """Write (or leave, when unchanged) the derivative dataset's description, README and
+    ``.bidsignore``."""
+    out = Path(output_dir)
+    description = dataset_description(bids_dir, out)
+    texts = {
+        "dataset_description.json": _json_text(description),
+        "README.md": derivative_readme(description),
+        ".bidsignore": "".join(f"{pattern}\n" for pattern in BIDSIGNORE),
+    }
+    for name, text in texts.items():
+        path = out / name
+        if not path.is_file() or path.read_text() != text:
+            io.remove_stale_temps(path)
+            io.Publisher([Path(bids_dir) / "dataset_description.json"], force=True).write_text(
+                text, path
+            )
+    return out / "dataset_description.json"
+
+
+def linked_raw(output_dir: str | Path) -> Path | None:
+    """The raw dataset a derivative dataset names in ``DatasetLinks.raw`` (a path relative to
+    it, or a ``file://`` URI as earlier versions wrote), None when it names none."""
+    out = Path(output_dir).resolve()
+    links = _load_json(out / "dataset_description.json").get("DatasetLinks") or {}
+    raw = links.get("raw") if isinstance(links, dict) else None
+    if not isinstance(raw, str):
+        return None
+    if raw.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(raw).path)).resolve()
+    return (out / raw).resolve()
 
 
 def dataset_identity(bids_dir: str | Path) -> dict:
@@ -428,13 +827,11 @@ def check_output_folder(bids_dir: str | Path, output_dir: str | Path) -> None:
                 f'"{theirs.get("name")}"), whose originals it keeps in {ORIGINALS_DIR}/; '
                 "choose another output folder"
             )
-    description = out / "dataset_description.json"
-    if description.exists():
-        sources = _load_json(description).get("SourceDatasets") or [{}]
-        urls = [d.get("URL") for d in sources if isinstance(d, dict)]
-        if root.as_uri() not in urls:
+    if (out / "dataset_description.json").exists():
+        raw = linked_raw(out)
+        if raw != root:
             raise io.OutputError(
-                f"{out}: is the derivative of {urls[0] if urls else 'another dataset'}, not of "
+                f"{out}: is the derivative of {raw or 'another dataset'}, not of "
                 f"{root}; choose another output folder"
             )
 
@@ -525,6 +922,21 @@ def _keep_original(root: Path, out: Path, rel: str, manifest: dict) -> None:
     _save_manifest(out, manifest)
 
 
+def _copy_in_mm(publisher: io.Publisher, src: str | Path, dst: Path) -> None:
+    """Publish a NIfTI copy whose header says its voxels are in millimetres (BIDS): a header
+    with unknown spatial units gets ``mm`` (what NIfTI assumes then), voxels untouched; one that
+    says so already is copied byte for byte."""
+    img = nib.load(src)
+    space_unit, time_unit = img.header.get_xyzt_units()
+    if space_unit == "mm":
+        _copy(publisher, src, dst)
+        return
+    fixed = io.like(img, io.stored_data(img))
+    fixed.header.set_xyzt_units("mm", time_unit)
+    io.remove_stale_temps(dst)
+    publisher.save_volume(fixed, dst)
+
+
 def write_session_outputs(
     *,
     bids_dir: str | Path,
@@ -536,11 +948,15 @@ def write_session_outputs(
     exclusion_mask: str,
     other_defaced: list[str],
     other_face_masks: list[str],
+    transform: str | None = None,
+    report_file: str | None = None,
+    pictures: list[str] = (),
     in_place: bool = False,
     publish_reference: bool = True,
     seed: int = fill.DEFAULT_SEED,
 ) -> list[str]:
-    """Publish one session: defaced images (derivative or in place), face masks, sidecars.
+    """Publish one session: defaced images (derivative or in place), face masks, sidecars,
+    the reference's transform, its report and pictures (``figures/``).
 
     Derivative files appear all or none (a failure removes those written). In place, the
     defaced images replace the raw ones last, each after its checksum is in the manifest, with
@@ -553,35 +969,50 @@ def write_session_outputs(
         f"face mask from {Path(reference).name}",
         "DefaceSeed": seed,
     }
+    reference_uri = f"bids:raw:{reference}"
     images = [(reference, defaced, face_mask)] if publish_reference else []
     images += zip(others, other_defaced, other_face_masks, strict=True)
     sources = [out / ORIGINALS_DIR / rel if in_place else root / rel for rel, _, _ in images]
-    work = [defaced, face_mask, exclusion_mask, *other_defaced, *other_face_masks]
+    extras = [f for f in (transform, report_file, *pictures) if f]
+    work = [defaced, face_mask, exclusion_mask, *other_defaced, *other_face_masks, *extras]
     publisher = io.Publisher([*sources, *work], force=True)
     try:
         for rel, image, mask in images:
             source_uri = f"bids:raw:{rel}"
+            on_grid = {"SpatialReference": source_uri}
             if not in_place:
-                _copy(publisher, image, out / rel)
-                meta = inherited_metadata(root, rel) | {"Sources": [source_uri]} | provenance
-                _write_json(publisher, meta, out / sidecar_path(rel))
-            mask_path = out / face_mask_name(rel, reference=rel == reference)
-            _copy(publisher, mask, mask_path)
+                _copy_in_mm(publisher, image, out / defaced_name(rel))
+                meta = inherited_metadata(root, rel) | provenance
+                uris = list(dict.fromkeys([source_uri, reference_uri]))  # + the face mask's
+                meta |= {"Sources": uris, "SkullStripped": False} | on_grid
+                _write_json(publisher, meta, out / sidecar_path(defaced_name(rel)))
+            mask_rel = face_mask_name(rel, reference=rel == reference)
+            _copy_in_mm(publisher, mask, out / mask_rel)
             mask_meta = {
-                "Type": "Face",
-                "Sources": [source_uri],
                 "Description": FACE_MASK_DESCRIPTION,
-            }
-            _write_json(publisher, mask_meta, out / sidecar_path(str(mask_path.relative_to(out))))
+                "Sources": list(dict.fromkeys([reference_uri, source_uri])),
+                "description": {"Description": LABEL_COLUMN_DESCRIPTION},  # the .tsv column
+            } | on_grid
+            _write_json(publisher, mask_meta, out / sidecar_path(mask_rel))
+            io.remove_stale_temps(out / labels_path(mask_rel))
+            publisher.write_text(face_labels_tsv(), out / labels_path(mask_rel))
         if publish_reference:
-            xmask_path = out / face_mask_name(reference, reference=True, desc="exclusion")
-            _copy(publisher, exclusion_mask, xmask_path)
+            xmask_rel = exclusion_mask_name(reference)
+            _copy_in_mm(publisher, exclusion_mask, out / xmask_rel)
             xmask_meta = {
-                "Type": "ROI",
-                "Sources": [f"bids:raw:{reference}"],
                 "Description": EXCLUSION_MASK_DESCRIPTION,
+                "Type": "ROI",
+                "Sources": [reference_uri],
+                "SpatialReference": reference_uri,
             }
-            _write_json(publisher, xmask_meta, out / sidecar_path(str(xmask_path.relative_to(out))))
+            _write_json(publisher, xmask_meta, out / sidecar_path(xmask_rel))
+            if transform:
+                _copy(publisher, transform, out / transform_name(reference))
+            label = session_label(reference)
+            if report_file:
+                _copy(publisher, report_file, out / figure_name(label, "report.html"))
+            for picture in pictures:
+                _copy(publisher, picture, out / figure_name(label, Path(picture).name))
     except BaseException:
         publisher.rollback()
         raise
@@ -591,6 +1022,12 @@ def write_session_outputs(
             _replace_raw(root, out, rel, image)
             written.append(str(root / rel))
     return written
+
+
+def session_label(rel: str) -> str:
+    """``sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz`` -> ``sub-01_ses-pre``."""
+    entities = dict(parse_name(Path(rel).name)[0])
+    return f"sub-{entities['sub']}" + (f"_ses-{entities['ses']}" if "ses" in entities else "")
 
 
 def _replace_raw(root: Path, out: Path, rel: str, image: str) -> None:
@@ -610,17 +1047,90 @@ def expected_outputs(
     session: Session, bids_dir: str | Path, output_dir: str | Path, *, in_place: bool
 ) -> list[Path]:
     """Every file a finished session writes (to check before the run, and to tell finished
-    sessions from failed ones after it)."""
+    sessions from failed ones after it); pictures (``--pics``, the segmentation's) aside."""
     root, out = Path(bids_dir).resolve(), Path(output_dir).resolve()
     paths = []
     for rel in session.published:
         if in_place:
             paths.append(root / rel)
         else:
-            paths += [out / rel, out / sidecar_path(rel)]
+            paths += [out / defaced_name(rel), out / sidecar_path(defaced_name(rel))]
         mask = face_mask_name(rel, reference=rel == session.reference)
-        paths += [out / mask, out / sidecar_path(mask)]
+        paths += [out / mask, out / sidecar_path(mask), out / labels_path(mask)]
     if session.publish_reference:
-        xmask = face_mask_name(session.reference, reference=True, desc="exclusion")
-        paths += [out / xmask, out / sidecar_path(xmask)]
+        xmask = exclusion_mask_name(session.reference)
+        paths += [out / xmask, out / sidecar_path(xmask), out / transform_name(session.reference)]
+        paths.append(out / figure_name(session, "report.html"))
     return paths
+
+
+def _html_figure(src: str, caption: str, legend: str = "") -> str:
+    return (
+        f'<figure><img src="{html.escape(src)}" alt="{html.escape(Path(src).name)}">'
+        f"<figcaption>{html.escape(caption)}{legend}</figcaption></figure>"
+    )
+
+
+def _swatches(names: tuple[str, ...], colours) -> str:
+    """An HTML legend: a coloured square before each name."""
+    items = (
+        f'<span style="display:inline-block;width:0.9em;height:0.9em;margin:0 0.3em 0 0.8em;'
+        f'background:rgb({r},{g},{b})"></span>{html.escape(name)}'
+        for name, (r, g, b) in zip(names, colours, strict=True)
+    )
+    return "<br>" + "".join(items)
+
+
+def subject_report_html(output_dir: str | Path, subject: str) -> str:
+    """``sub-<label>.html``: per session, a link to its report and its pictures (relative
+    links into ``sub-<label>/figures/``, so the folder can be moved as a whole)."""
+    out = Path(output_dir)
+    figures = out / f"sub-{subject}" / FIGURES_DIR
+    reports = sorted(figures.glob(f"sub-{subject}*_report.html"))
+    captions = dict(report.PICTURES) | {SEGMENTATION_PICTURE: SEGMENTATION_CAPTION}
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>mideface: sub-{html.escape(subject)}</title>",
+        f"<style>{report.STYLE}</style></head><body>",
+        f"<h1>mideface: sub-{html.escape(subject)}</h1>",
+        f"<p>mideface-nipype {html.escape(__version__)}; {len(reports)} session(s).</p>",
+    ]
+    for path in reports:
+        label = path.name.removesuffix("_report.html")
+        href = str(path.relative_to(out))
+        parts += [
+            f"<h2>{html.escape(label)}</h2>",
+            f'<p><a href="{html.escape(href)}">full report</a> (warnings, statistics, '
+            "options, versions, timings)</p>",
+        ]
+        shown = 0
+        for name, caption in captions.items():
+            picture = figures / f"{label}_{name}"
+            if picture.is_file():
+                legend = ""
+                if name == SEGMENTATION_PICTURE:
+                    legend = _swatches(qa.LABEL_NAMES[1:], qa.LABEL_COLOURS[1:])
+                elif name == "slices.png":
+                    legend = _swatches(
+                        tuple(row[1] for row in FACE_LABELS[1:]), report.COMPARTMENT_RGB
+                    ) + _swatches(("exclusion mask",), [report.XMASK_RGB])
+                parts.append(_html_figure(str(picture.relative_to(out)), caption, legend))
+                shown += 1
+        if not shown:
+            parts.append("<p>No pictures (run with <code>--pics</code>).</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_subject_report(output_dir: str | Path, subject: str) -> Path | None:
+    """Write (or leave, when unchanged) ``OUTPUT_DIR/sub-<label>.html`` from the subject's
+    figures, atomically; None (nothing written) when no session of it has a report yet."""
+    path = Path(output_dir) / f"sub-{subject}.html"
+    io.remove_stale_temps(path)  # of a run killed while writing it
+    if not any((path.parent / f"sub-{subject}" / FIGURES_DIR).glob("*_report.html")):
+        return None
+    text = subject_report_html(output_dir, subject)
+    if not path.is_file() or path.read_text() != text:
+        io.write_text_atomic(text, path)
+    return path

@@ -26,13 +26,16 @@ SLURM_POLL_S = 2.0
 LOCAL_POLL_S = 0.2
 
 EPILOG = """\
-outputs (OUTPUT_DIR is a BIDS derivative dataset)
-  dataset_description.json
-  sub-01/anat/sub-01_T1w.nii.gz (+ .json)       the defaced image, same relative path, sidecar
-                                                 inherited from the raw dataset plus Sources
-  sub-01/anat/sub-01_desc-face_mask.nii.gz      face mask (0-4) of the T1w
-  sub-01/anat/sub-01_desc-faceT2w_mask.nii.gz   the same mask carried onto the T2w's grid
+outputs (OUTPUT_DIR is a BIDS derivative dataset; README.md there says how to query it)
+  dataset_description.json, README.md, .bidsignore
+  sub-01/anat/sub-01_desc-defaced_T1w.nii.gz    the defaced image (+ .json: the raw sidecar
+                                                 after inheritance, Sources, SkullStripped, ...)
+  sub-01/anat/sub-01_desc-face_dseg.nii.gz      face mask of the T1w (+ .tsv labels 0-4, .json)
+  sub-01/anat/sub-01_desc-faceT2w_dseg.nii.gz   the same mask carried onto the T2w's grid
   sub-01/anat/sub-01_desc-exclusion_mask.nii.gz voxels never modified (brain, eyes, skull)
+  sub-01/anat/sub-01_from-T1w_to-mideface_mode-image_xfm.txt   T1w mm -> atlas mm (4x4 RAS)
+  sub-01.html                                   the subject's report: each session's report
+                                                 (sub-01/figures/) and pictures (--pics)
   with --in-place: the defaced images replace the raw ones in BIDS_DIR (same mode) and the raw
   images are kept in OUTPUT_DIR/sourcedata/ with mideface-manifest.json (checksums of each
   original and its defaced image); a rerun skips what is done and defaces only new raw data,
@@ -134,9 +137,137 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the images of a session share the T1w's scanner space: no registration",
     )
+    add_engine_options(p, how, xmask)
     p.add_argument("-v", "--verbose", action="store_true", help="Nipype's own messages too")
     p.add_argument("--version", action="version", version=f"mideface-nipype {__version__}")
     return p
+
+
+def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
+    """The options of ``mideface`` that a dataset run passes to every session's engine, and
+    the selection of images (``--bids-filter-file``)."""
+    from mideface_nipype import bracket, fill
+    from mideface_nipype.cli import _number
+
+    p.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help='JSON queries selecting the images, as fMRIPrep\'s: {"t1w": {"session": '
+        '"pre"}, "t2w": {"acquisition": null}}; a query is named after a lower-case '
+        'suffix, values are labels, lists, null (absent) or "*" (present); "t1w" may name '
+        'the reference\'s suffix ("suffix": "UNIT1")',
+    )
+    how.add_argument("--back-of-head", action="store_true", help="deface the back of the head")
+    how.add_argument(
+        "--fill-const",
+        nargs=2,
+        type=float,
+        metavar=("IN", "OUT"),
+        help="fill with constants instead of noise (inside, outside the template)",
+    )
+    how.add_argument("--fill-zero", action="store_true", help="same as --fill-const 0 0")
+    how.add_argument(
+        "--ripple",
+        nargs="*",
+        type=_number(float, 0, inclusive=False),
+        metavar="AMP PERIOD",
+        help=f"ripple the template surface (default amplitude {bracket.RIPPLE_AMP_MM} mm, "
+        f"period {bracket.RIPPLE_PERIOD_MM} mm)",
+    )
+    how.add_argument(
+        "--statframe",
+        type=_number(int, 0),
+        default=fill.STAT_FRAME,
+        help=f"frame of a 4-D image used for the fill statistics (default {fill.STAT_FRAME})",
+    )
+    how.add_argument(
+        "--atlas",
+        type=Path,
+        metavar="DIR",
+        help="another atlas folder (as the package's atlas/: head, surface, priors)",
+    )
+    xmask.add_argument(
+        "--xmask",
+        type=Path,
+        metavar="DIR",
+        help="each session's own exclusion mask, from DIR laid out as OUTPUT_DIR: "
+        "DIR/sub-01/anat/sub-01_desc-exclusion_mask.nii.gz on the T1w's grid (an earlier "
+        "run's, edited); voxels > 0.5 are never modified",
+    )
+    how.add_argument(
+        "--init-reg",
+        type=Path,
+        metavar="DIR",
+        help="start each session's registration from DIR/sub-01/anat/"
+        "sub-01_from-T1w_to-mideface_mode-image_xfm.txt (4x4 RAS, T1w mm -> atlas mm; an "
+        "earlier run's)",
+    )
+    p.add_argument(
+        "--pics",
+        action="store_true",
+        help="pictures of each face before and after defacing, outlined slices and the "
+        "dist-to-face check, in each session's report and sub-<label>.html",
+    )
+
+
+def engine_options(args) -> dict:
+    """``init_bids_wf`` keywords from the command line (``mideface``'s rules)."""
+    from mideface_nipype import io
+
+    options = {
+        "seed": args.seed,
+        "ears": args.ears,
+        "forehead": args.forehead,
+        "back_of_head": args.back_of_head,
+        "regheader": args.regheader,
+        "pics": args.pics,
+        "stat_frame": args.statframe,
+    }
+    if args.xmask:
+        options["xmask_source"] = "user"
+    elif args.xmask_source:
+        options["xmask_source"] = args.xmask_source
+    fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
+    if fill_const:
+        options["fill_const"] = tuple(fill_const)
+    if args.ripple is not None:
+        if len(args.ripple) > 2:
+            raise io.InputError(f"--ripple takes AMP and PERIOD at most, not {len(args.ripple)}")
+        options["ripple"] = True
+        options |= dict(zip(("ripple_amp_mm", "ripple_period_mm"), args.ripple, strict=False))
+    if args.atlas:
+        if not args.atlas.is_dir():
+            raise io.InputError(f"{args.atlas}: atlas folder not found")
+        options["atlas_dir"] = str(args.atlas.resolve())
+    return options
+
+
+def session_inputs(args, sessions) -> dict[str, dict]:
+    """Each session's own files (``--xmask``, ``--init-reg``) as ``init_bids_wf`` keywords;
+    ``InputError`` naming the first that is missing or unreadable."""
+    from mideface_nipype import bids
+
+    found = {}
+    if args.xmask:
+        found["xmasks"] = bids.session_xmasks(sessions, args.xmask)
+    if args.init_reg:
+        found["init_transforms"] = bids.session_transforms(sessions, args.init_reg)
+    return found
+
+
+def build_workflow(args, sessions, bids_dir: Path, output_dir: Path, inputs: dict | None = None):
+    """The dataset's graph for the command line ``args`` (``inputs``: ``session_inputs``)."""
+    from mideface_nipype.bids_workflows import init_bids_wf
+
+    return init_bids_wf(
+        sessions,
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        in_place=args.in_place,
+        **(session_inputs(args, sessions) if inputs is None else inputs),
+        **engine_options(args),
+    )
 
 
 def _setup_logging(work_dir: Path, verbose: bool) -> None:
@@ -213,6 +344,40 @@ def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
     return reasons
 
 
+def array_participants(bids_dir: Path, bids_filter_file: Path | None = None) -> list[str]:
+    """The participants with a T1w to deface, sorted: what SLURM array task indices count."""
+    from mideface_nipype import bids
+
+    filters = bids.load_filters(bids_filter_file) if bids_filter_file else None
+    return sorted({session.subject for session in bids.discover(bids_dir, None, filters)})
+
+
+def slurm_array_task(args, bids_dir: Path, output_dir: Path) -> tuple[list[str] | None, dict]:
+    """(participant labels, {folder to lock: what}) of this run.
+
+    In a SLURM array task (``SLURM_ARRAY_TASK_ID`` set) without ``--participant-label``, task i
+    defaces the i-th of ``array_participants``. The tasks of an array write one derivative
+    dataset side by side, so each locks only its participants' folders, not the whole output.
+    """
+    from mideface_nipype import io
+
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return args.participant_label, {output_dir: "output folder"}
+    labels = args.participant_label
+    if not labels:
+        participants = array_participants(bids_dir, args.bids_filter_file)
+        if not task.isdigit() or int(task) >= len(participants):
+            raise io.InputError(
+                f"{bids_dir}: SLURM_ARRAY_TASK_ID={task} but the dataset has "
+                f"{len(participants)} participant(s) to deface: submit --array=0-"
+                f"{len(participants) - 1}"
+            )
+        labels = [participants[int(task)]]
+    names = [f"sub-{label.removeprefix('sub-')}" for label in labels]
+    return labels, {output_dir / name: "participant output folder" for name in names}
+
+
 def run(args) -> int:
     from mideface_nipype import io
 
@@ -221,9 +386,10 @@ def run(args) -> int:
     if output_dir == bids_dir:
         raise io.InputError(f"{args.output_dir}: the output folder would overwrite the dataset")
     plugin_args, tag = plugin_settings(args.plugin, args.plugin_args, args.nprocs)
+    args.participant_label, output_locks = slurm_array_task(args, bids_dir, output_dir)
     # one run at a time per work folder, output folder and (in place) dataset: a second run
     # stops at once with a clear message instead of both failing half-way
-    folders = {work_dir: "work folder", output_dir: "output folder"}
+    folders = {work_dir: "work folder", **output_locks}
     if args.in_place:
         folders[bids_dir] = "dataset"
     with contextlib.ExitStack() as locks:
@@ -234,13 +400,16 @@ def run(args) -> int:
 
 def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
     from mideface_nipype import bids
-    from mideface_nipype.bids_workflows import init_bids_wf
 
     _setup_logging(work_dir, args.verbose)
-    sessions = bids.discover(bids_dir, args.participant_label)
+    filters = bids.load_filters(args.bids_filter_file) if args.bids_filter_file else None
+    sessions = bids.discover(bids_dir, args.participant_label, filters)
+    subjects = sorted({session.subject for session in sessions})
     # every check before any work or write: inputs, the output folder's owner, existing outputs
     bids.validate(sessions, bids_dir, max_gb=args.max_gb)
     bids.check_output_folder(bids_dir, output_dir)
+    engine_options(args)  # refuses bad options now
+    inputs = session_inputs(args, sessions)
     if args.in_place:
         sessions = bids.prepare_in_place(sessions, bids_dir, output_dir, force=args.force)
     else:
@@ -256,19 +425,9 @@ def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
     bids.write_dataset_description(bids_dir, output_dir)
     if not sessions:
         LOGGER.info("nothing to deface")
+        write_subject_reports(output_dir, subjects)  # a run killed before them
         return 0
-    options = {"xmask_source": args.xmask_source} if args.xmask_source else {}
-    workflow = init_bids_wf(
-        sessions,
-        bids_dir=bids_dir,
-        output_dir=output_dir,
-        in_place=args.in_place,
-        seed=args.seed,
-        ears=args.ears,
-        forehead=args.forehead,
-        regheader=args.regheader,
-        **options,
-    )
+    workflow = build_workflow(args, sessions, bids_dir, output_dir, inputs)
     workflow.base_dir = str(work_dir)
     start, started_at = time.perf_counter(), time.time()
     try:
@@ -288,6 +447,7 @@ def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
         if missing:
             why = next((r for n, r in reasons.items() if f".{session.name}." in f".{n}."), None)
             failed.append(f"{session.label}: {why or f'{missing[0]} not written'}")
+    write_subject_reports(output_dir, subjects)
     elapsed = time.perf_counter() - start
     LOGGER.info(
         "%d of %d session(s) done in %.1f s", len(sessions) - len(failed), len(sessions), elapsed
@@ -295,6 +455,15 @@ def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
     for line in failed:
         print(f"mideface-bids: error: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def write_subject_reports(output_dir: Path, subjects: list[str]) -> None:
+    """``sub-<label>.html`` of each subject, from what its sessions published (this run's or
+    an earlier one's)."""
+    from mideface_nipype import bids
+
+    for subject in subjects:
+        bids.write_subject_report(output_dir, subject)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,10 +47,37 @@ LABEL_COLOURS = np.array(
     ],
     dtype=np.uint8,
 )
+#: Names of segmentation labels 0-6 (``segment.SEG_LABELS``), for the legend.
+LABEL_NAMES = ("air", "soft tissue", "bone", "CSF", "grey matter", "white matter", "eyes")
+#: Height of one legend row (pixels).
+LEGEND_ROW_PX = 14
+
+
+def legend_strip(names: tuple[str, ...], colours: np.ndarray, width: int) -> np.ndarray:
+    """An (H, width, 3) strip that names each colour: a swatch, then the name, rows wrapped at
+    ``width``, so a picture explains its own outlines wherever it is shown."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x, y, places = 0, 0, []
+    for name in names:
+        item_px = LEGEND_ROW_PX + int(np.ceil(measure.textlength(name, font=font))) + 10
+        if x and x + item_px > width:
+            x, y = 0, y + LEGEND_ROW_PX
+        places.append((x, y))
+        x += item_px
+    strip = Image.new("RGB", (width, y + LEGEND_ROW_PX))
+    draw = ImageDraw.Draw(strip)
+    for (x, y), name, colour in zip(places, names, colours, strict=True):
+        draw.rectangle([x + 1, y + 2, x + 10, y + 11], fill=tuple(int(c) for c in colour))
+        draw.text((x + LEGEND_ROW_PX, y), name, fill=(255, 255, 255), font=font)
+    return np.asarray(strip)
 
 
 def label_slices(data: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Sagittal, coronal and axial slices through the head centre, label borders drawn in colour.
+    """Sagittal, coronal and axial slices through the head centre, label borders drawn in colour,
+    with a legend of the labels below.
 
     Arrays are reoriented to RAS through the affine first, so every subject is shown alike.
     """
@@ -73,4 +100,6 @@ def label_slices(data: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> np
         panels.append(np.transpose(rgb, (1, 0, 2))[::-1])  # rows = superior first
     height = max(p.shape[0] for p in panels)
     padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
-    return np.concatenate(padded, axis=1)
+    slices = np.concatenate(padded, axis=1)
+    legend = legend_strip(LABEL_NAMES[1:], LABEL_COLOURS[1:], slices.shape[1])
+    return np.concatenate([slices, legend], axis=0)

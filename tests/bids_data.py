@@ -27,7 +27,15 @@ TOP_T1W_META = {"MagneticFieldStrength": 3, "Manufacturer": "Philips"}
 TRUTH_FILE = "t2w_to_t1w.json"
 #: Options of the reference run: the segmentation exclusion mask (brain, skull, eyes), named
 #: explicitly (the atlas-only mask let 51 brain voxels of IXI012 change, 2026-11-26).
-RUN_OPTIONS = ("--samseg", "--seed", "7", "--plugin", "MultiProc", "--nprocs", "2")
+RUN_OPTIONS = ("--samseg", "--pics", "--seed", "7", "--plugin", "MultiProc", "--nprocs", "2")
+#: The raw dataset's description: what a derivative carries over (licence, authors, DOI).
+DESCRIPTION = {
+    "Name": "synthetic heads",
+    "BIDSVersion": "1.9.0",
+    "License": "CC0",
+    "Authors": ["IXI project", "mideface-nipype tests"],
+    "DatasetDOI": "doi:10.0000/mideface.test",
+}
 
 
 def make_dataset(root: Path) -> dict[str, list]:
@@ -37,9 +45,7 @@ def make_dataset(root: Path) -> dict[str, list]:
     Returns {T2w path relative to ``root``: its known 4x4 mm -> T1w mm matrix (nested lists)}.
     """
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "synthetic heads", "BIDSVersion": "1.9.0"})
-    )
+    (root / "dataset_description.json").write_text(json.dumps(DESCRIPTION))
     (root / "T1w.json").write_text(json.dumps(TOP_T1W_META))
     truth = {}
     for subject, session, head in SUBJECTS:
@@ -85,11 +91,25 @@ def truth(base: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in json.loads((base / TRUTH_FILE).read_text()).items()}
 
 
+#: Files of a run that differ between two runs of the same data: each session's report says
+#: when it was made and how long each step took.
+TIMED_FILES = "sub-*/figures/*_report.html"
+
+
 def tree(root: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under ``root``."""
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    """{relative path: bytes} of every file under ``root`` but the ``TIMED_FILES``, and without
+    ``DatasetLinks`` in the description (the raw dataset's path relative to ``root``)."""
+    timed = set(root.glob(TIMED_FILES))
+    files = {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p not in timed
     }
+    if "dataset_description.json" in files:
+        description = json.loads(files["dataset_description.json"])
+        description.pop("DatasetLinks", None)
+        files["dataset_description.json"] = json.dumps(description).encode()
+    return files
 
 
 #: Slab thickness (voxels of the real head) of ``thick_head``: 108 mm of the head in 18 slabs.

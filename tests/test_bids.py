@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +27,9 @@ from bids_data import (
 )
 from brain import independent_brain_mask
 from conftest import HEADS_DIR
+from PIL import Image
 
-from mideface_nipype import apply, bids, bids_cli, fill, io
+from mideface_nipype import apply, bids, bids_cli, fill, io, qa, report
 
 #: Seconds the kill test waits for the first subject's registration to finish.
 KILL_WAIT_S = 180
@@ -84,18 +86,95 @@ def test_discover_sessions_and_participant_labels(tmp_path):
     assert [s.subject for s in bids.discover(root, ["01"])] == ["01"]
     with pytest.raises(io.InputError, match="no participant 07"):
         bids.discover(root, ["07"])
+    # every anatomical suffix of BIDS, not the defacemask; .bidsignore honoured
+    for rel in (
+        "sub-01/anat/sub-01_UNIT1.nii.gz",
+        "sub-01/anat/sub-01_inv-1_MP2RAGE.nii.gz",
+        "sub-01/anat/sub-01_T1map.nii",
+        "sub-01/anat/sub-01_echo-1_MEGRE.nii.gz",
+        "sub-01/anat/sub-01_inplaneT1.nii.gz",
+        "sub-01/anat/sub-01_defacemask.nii.gz",
+        "sub-01/anat/sub-01_acq-skip_T2w.nii.gz",
+        "sub-02/ses-a/anat/sub-02_ses-a_run-3_T1w.nii.gz",
+    ):
+        _volume(root / rel)
+    (root / ".bidsignore").write_text("# not BIDS\n*acq-skip*\nsub-02/ses-a/anat/*run-3*\n")
+    one, two = bids.discover(root)
+    assert one.others == (
+        "sub-01/anat/sub-01_FLAIR.nii.gz",
+        "sub-01/anat/sub-01_T1map.nii",
+        "sub-01/anat/sub-01_UNIT1.nii.gz",
+        "sub-01/anat/sub-01_acq-fast_T2w.nii.gz",
+        "sub-01/anat/sub-01_echo-1_MEGRE.nii.gz",
+        "sub-01/anat/sub-01_inplaneT1.nii.gz",
+        "sub-01/anat/sub-01_inv-1_MP2RAGE.nii.gz",
+    )
+    assert two.others == ("sub-02/ses-a/anat/sub-02_ses-a_run-2_T1w.nii.gz",)
+    assert set(bids.ANAT_SUFFIXES) >= {"T1w", "T2w", "FLAIR", "UNIT1", "T1map", "MP2RAGE", "PD"}
+    assert "defacemask" not in bids.ANAT_SUFFIXES and len(bids.ANAT_SUFFIXES) == 36
+    (root / ".bidsignore").write_text("sub-02/\n")
+    assert [s.subject for s in bids.discover(root)] == ["01"]
+    assert not bids.is_ignored("sub-02_T1w.nii.gz", ["sub-02/"])  # a folder-only pattern
+    assert bids.is_ignored("sub-01/anat/x_T1w.nii.gz", ["**/anat/x_*"])
+    (root / ".bidsignore").unlink()
+    # fMRIPrep's --bids-filter-file: labels, lists, null (absent), "*", another reference
+    filters = tmp_path / "filters.json"
+    filters.write_text(
+        json.dumps(
+            {
+                "t1w": {"session": ["a", "b"], "run": 2},
+                "t2w": {"acquisition": None},
+                "bold": {"task": "rest"},
+            }
+        )
+    )
+    (two,) = bids.discover(root, filters=bids.load_filters(filters))
+    assert two.reference.endswith("sub-02_ses-a_run-2_T1w.nii.gz") and two.others == ()
+    filters.write_text(json.dumps({"t1w": {"suffix": "UNIT1"}, "flair": {"acquisition": "*"}}))
+    (one,) = bids.discover(root, filters=bids.load_filters(filters))
+    assert one.reference == "sub-01/anat/sub-01_UNIT1.nii.gz"
+    assert "sub-01/anat/sub-01_T1w.nii.gz" in one.others
+    assert "sub-01/anat/sub-01_FLAIR.nii.gz" not in one.others
+    filters.write_text(json.dumps({"t1w": {"sesion": "a"}}))
+    with pytest.raises(io.InputError, match=r"filters.json: unknown entity 'sesion' in query"):
+        bids.load_filters(filters)
+    filters.write_text("{broken")
+    with pytest.raises(io.InputError, match="filters.json: unreadable JSON"):
+        bids.load_filters(filters)
     (root / "dataset_description.json").unlink()
     with pytest.raises(io.InputError, match="not a BIDS dataset"):
         bids.discover(root)
 
 
+def test_anat_suffixes_are_those_of_the_bids_schema():
+    """The constant, written once from BIDS 1.11.1, against the schema pybids ships."""
+    schema = pytest.importorskip(
+        "bidsschematools.schema", reason="bidsschematools not installed (pybids, test extra)"
+    ).load_schema()
+    anat = schema["rules"]["files"]["raw"]["anat"]
+    defined = [s for rule in anat.values() for s in rule["suffixes"] if s != "defacemask"]
+    assert sorted(bids.ANAT_SUFFIXES) == sorted(defined)
+
+
 def test_derivative_names_and_sidecar_inheritance(tmp_path):
+    assert bids.defaced_name("sub-01/anat/sub-01_T1w.nii.gz") == (
+        "sub-01/anat/sub-01_desc-defaced_T1w.nii.gz"
+    )
     assert bids.face_mask_name("sub-01/anat/sub-01_T1w.nii.gz", reference=True) == (
-        "sub-01/anat/sub-01_desc-face_mask.nii.gz"
+        "sub-01/anat/sub-01_desc-face_dseg.nii.gz"
     )
     assert bids.face_mask_name("sub-01/ses-1/anat/sub-01_ses-1_acq-x_T2w.nii", reference=False) == (
-        "sub-01/ses-1/anat/sub-01_ses-1_acq-x_desc-faceT2w_mask.nii.gz"
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-x_desc-faceT2w_dseg.nii.gz"
     )
+    assert bids.exclusion_mask_name("sub-01/anat/sub-01_run-1_T1w.nii") == (
+        "sub-01/anat/sub-01_run-1_desc-exclusion_mask.nii.gz"
+    )
+    assert bids.transform_name("sub-01/anat/sub-01_T1w.nii.gz") == (
+        "sub-01/anat/sub-01_from-T1w_to-mideface_mode-image_xfm.txt"
+    )
+    # the labels of the face mask, in the order of bracket.py's compartments
+    rows = [line.split("\t") for line in bids.face_labels_tsv().splitlines()]
+    assert rows[0][:2] == ["index", "name"] and [r[0] for r in rows[1:]] == list("01234")
     assert bids.sidecar_path("sub-01/anat/sub-01_T1w.nii.gz") == "sub-01/anat/sub-01_T1w.json"
     root = _small_dataset(tmp_path / "ds")
     (root / "T1w.json").write_text('{"EchoTime": 1, "Manufacturer": "A"}')
@@ -119,6 +198,11 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
     }
     mask = _volume(tmp_path / "work" / "mask.nii.gz", 99)
 
+    transform = tmp_path / "work" / "transform.txt"
+    transform.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    report_file = tmp_path / "work" / "report.html"
+    report_file.write_text("<html></html>")
+
     def write(**kwargs):
         return bids.write_session_outputs(
             bids_dir=root,
@@ -130,6 +214,8 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
             exclusion_mask=str(mask),
             other_defaced=[str(results[r]) for r in session.others],
             other_face_masks=[str(mask)] * len(session.others),
+            transform=str(transform),
+            report_file=str(report_file),
             **kwargs,
         )
 
@@ -144,24 +230,34 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
     monkeypatch.undo()
     assert [p for p in out.rglob("*") if p.is_file()] == []  # sidecars written before: removed
     # a temporary file left by a killed run is cleared when its target is written
-    stale = out / "sub-01/anat/.sub-01_T1w.nii.gz.abc123"
+    stale = out / "sub-01/anat/.sub-01_desc-defaced_T1w.nii.gz.abc123"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"half")
     written = write()
     assert not stale.exists()
-    assert (out / session.reference).read_bytes() == results[session.reference].read_bytes()
-    assert (out / "sub-01/anat/sub-01_desc-faceFLAIR_mask.nii.gz").exists()
-    assert (out / "sub-01/anat/sub-01_acq-fast_desc-faceT2w_mask.nii.gz").exists()
-    assert all(Path(p).is_file() for p in written) and len(written) == 3 * 4 + 2
+    defaced_t1w = out / "sub-01/anat/sub-01_desc-defaced_T1w.nii.gz"
+    # the test volumes have no spatial units: written in mm, voxels unchanged
+    assert nib.load(defaced_t1w).header.get_xyzt_units()[0] == "mm"
+    assert np.array_equal(
+        io.stored_data(nib.load(defaced_t1w)), io.stored_data(nib.load(results[session.reference]))
+    )
+    assert (out / "sub-01/anat/sub-01_desc-faceFLAIR_dseg.nii.gz").exists()
+    assert (out / "sub-01/anat/sub-01_acq-fast_desc-faceT2w_dseg.tsv").exists()
+    assert (out / "sub-01/figures/sub-01_report.html").read_text() == "<html></html>"
+    assert all(Path(p).is_file() for p in written) and len(written) == 3 * 5 + 4
     assert sorted(written) == sorted(
         map(str, bids.expected_outputs(session, root, out, in_place=False))
     )
-    sidecar = json.loads((out / "sub-01/anat/sub-01_T1w.json").read_text())
-    assert sidecar["EchoTime"] == 0.003
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-defaced_T1w.json").read_text())
+    assert sidecar["EchoTime"] == 0.003 and sidecar["SkullStripped"] is False
     assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
-    assert (
-        json.loads((out / "sub-01/anat/sub-01_desc-face_mask.json").read_text())["Type"] == "Face"
-    )
+    assert sidecar["SpatialReference"] == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+    mask_meta = json.loads((out / "sub-01/anat/sub-01_desc-faceFLAIR_dseg.json").read_text())
+    assert mask_meta["SpatialReference"] == "bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz"
+    assert mask_meta["Sources"] == [
+        "bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+        "bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz",
+    ]
 
     # in place: each raw image is kept (and recorded) before the graph runs, the defaced ones
     # replace them (checksums recorded first), a rerun has nothing to do
@@ -281,24 +377,30 @@ def test_multiproc_dataset_derivatives(reference):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "mideface-nipype"
+    raw = json.loads((bids_dir / "dataset_description.json").read_text())
+    assert description["License"] == raw["License"] and description["Authors"] == raw["Authors"]
+    assert description["SourceDatasets"] == [{"URL": "bids:raw:", "DOI": raw["DatasetDOI"]}]
+    assert (out / description["DatasetLinks"]["raw"]).resolve() == bids_dir.resolve()
     known = truth(base)
     for subject, session, head in SUBJECTS:
         folder = f"sub-{subject}" + (f"/ses-{session}" if session else "") + "/anat"
         prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
         t1_rel, t2_rel = f"{folder}/{prefix}_T1w.nii.gz", f"{folder}/{prefix}_T2w.nii.gz"
         t1, t2 = nib.load(bids_dir / t1_rel), nib.load(bids_dir / t2_rel)
-        t1_out, t2_out = nib.load(out / t1_rel), nib.load(out / t2_rel)
+        t1_out = nib.load(out / f"{folder}/{prefix}_desc-defaced_T1w.nii.gz")
+        t2_out = nib.load(out / f"{folder}/{prefix}_desc-defaced_T2w.nii.gz")
         for before, after in ((t1, t1_out), (t2, t2_out)):
             assert after.shape == before.shape and np.allclose(after.affine, before.affine)
             assert after.get_data_dtype() == before.get_data_dtype()
             assert fill.check_code(io.stored_data(after))
-        meta = json.loads((out / f"{folder}/{prefix}_T1w.json").read_text())
+        meta = json.loads((out / f"{folder}/{prefix}_desc-defaced_T1w.json").read_text())
         assert meta["MagneticFieldStrength"] == TOP_T1W_META["MagneticFieldStrength"]
         assert meta["EchoTime"] == 0.0046 and meta["Sources"] == [f"bids:raw:{t1_rel}"]
         assert meta["DefaceSeed"] == int(RUN_OPTIONS[RUN_OPTIONS.index("--seed") + 1])
-        face = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-face_mask.nii.gz").dataobj)
+        face = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-face_dseg.nii.gz").dataobj)
         xmask = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-exclusion_mask.nii.gz").dataobj)
-        face_t2 = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-faceT2w_mask.nii.gz").dataobj)
+        face_t2 = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-faceT2w_dseg.nii.gz").dataobj)
+        assert set(np.unique(face)) == {0, 1, 2, 3, 4}  # the labels of the .tsv beside it
         changed_t1, changed_t2 = _changed(t1, t1_out), _changed(t2, t2_out)
         # the face was replaced, only inside the face mask, never in the exclusion mask nor in
         # the independent brain mask
@@ -338,7 +440,11 @@ def test_killed_run_resumes_with_identical_outputs(reference, tmp_path):
     assert done.exists(), "the registration never finished"
     assert not (work / "mideface_bids/sub_01/derivatives/result_derivatives.pklz").exists()
     # killed before publishing: nothing but the dataset description, and no half files
-    assert [p.name for p in out.rglob("*") if p.is_file()] == ["dataset_description.json"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        ".bidsignore",
+        "README.md",
+        "dataset_description.json",
+    ]
     finished_at = done.stat().st_mtime_ns
     rerun = run_cli(*args, check=False)
     assert rerun.returncode == 1
@@ -349,3 +455,147 @@ def test_killed_run_resumes_with_identical_outputs(reference, tmp_path):
     expected = {k: v for k, v in tree(reference_out).items() if not k.startswith("sub-02")}
     assert resumed.keys() == expected.keys()
     assert [k for k in resumed if resumed[k] != expected[k]] == []
+
+
+#: The official BIDS validator (``bids-validator-deno``, test extra), run from this venv.
+VALIDATOR = shutil.which("bids-validator-deno", path=str(Path(sys.executable).parent)) or (
+    shutil.which("bids-validator-deno")
+)
+
+
+@pytest.mark.skipif(
+    VALIDATOR is None,
+    reason="bids-validator-deno not installed (pip install -e '.[test]' installs it)",
+)
+def test_derivatives_pass_the_bids_validator(reference):
+    """0 errors, 0 warnings from the official validator, offline (its bundled schema)."""
+    _, _, out = reference
+    env = {k: v for k, v in os.environ.items() if k != "BIDS_SCHEMA"}  # else it downloads one
+    proc = subprocess.run(
+        [VALIDATOR, str(out), "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env | {"DENO_NO_UPDATE_CHECK": "1"},
+    )
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    found = [(i["severity"], i["code"], i.get("subCode"), i.get("location")) for i in issues]
+    assert found == [], found
+    assert proc.returncode == 0
+    # pybids finds the defaced images by their entities, apart from the raw ones
+    bids_layout = pytest.importorskip("bids", reason="pybids not installed (test extra)")
+    layout = bids_layout.BIDSLayout(reference[1], derivatives=str(out))
+    defaced = layout.get(scope="mideface-nipype", desc="defaced", extension=".nii.gz")
+    assert sorted(Path(f.path).name for f in defaced) == [
+        "sub-01_desc-defaced_T1w.nii.gz",
+        "sub-01_desc-defaced_T2w.nii.gz",
+        "sub-02_ses-pre_desc-defaced_T1w.nii.gz",
+        "sub-02_ses-pre_desc-defaced_T2w.nii.gz",
+    ]
+    raw = layout.get(scope="raw", suffix="T1w", extension=".nii.gz")
+    assert sorted(Path(f.path) for f in raw) == sorted(reference[1].rglob("*_T1w.nii.gz"))
+
+
+def test_subject_reports_link_every_session(reference):
+    _, _, out = reference
+    for subject, session, _ in SUBJECTS:
+        label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+        page = (out / f"sub-{subject}.html").read_text()
+        figures = out / f"sub-{subject}" / bids.FIGURES_DIR
+        # the session's report, linked; every picture of --pics and the segmentation, shown
+        assert f'href="sub-{subject}/figures/{label}_report.html"' in page
+        assert (figures / f"{label}_report.html").read_text().startswith("<!DOCTYPE html>")
+        names = [*report.PICTURES, bids.SEGMENTATION_PICTURE]
+        for name in names:
+            assert (figures / f"{label}_{name}").is_file()
+            assert f'src="sub-{subject}/figures/{label}_{name}"' in page
+        assert "grey matter" in page and "inward_tissue" in page  # the legends
+        # the segmentation picture draws its own legend: a swatch of each label colour
+        picture = np.asarray(Image.open(figures / f"{label}_{bids.SEGMENTATION_PICTURE}"))
+        bottom = picture[-picture.shape[0] // 4 :].reshape(-1, 3)
+        for colour in qa.LABEL_COLOURS[1:]:
+            assert (bottom == colour).all(axis=1).any(), colour
+
+
+def _engine_inputs(tmp_path: Path, *options: str):
+    """The graph ``mideface-bids`` builds for ``options`` on a small dataset (not run)."""
+    root = tmp_path / "ds"
+    if not root.exists():
+        _small_dataset(root)
+    args = bids_cli.build_parser().parse_args(
+        [str(root), str(tmp_path / "out"), "participant", *options]
+    )
+    sessions = bids.discover(root)
+    workflow = bids_cli.build_workflow(args, sessions, root, tmp_path / "out")
+    return sessions, workflow
+
+
+def test_every_engine_option_reaches_the_graph(tmp_path):
+    """Each ``mideface`` option of ``mideface-bids`` lands on the node that uses it."""
+    root = _small_dataset(tmp_path / "ds")
+    masks, regs = tmp_path / "masks", tmp_path / "regs"
+    for session in bids.discover(root):
+        _volume(masks / bids.exclusion_mask_name(session.reference), 5)
+        matrix = regs / bids.transform_name(session.reference)
+        matrix.parent.mkdir(parents=True, exist_ok=True)
+        matrix.write_text("1 0 0 2\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    options = ["--back-of-head", "--forehead", "--no-ears", "--fill-const", "5", "7"]
+    options += ["--ripple", "2", "40", "--statframe", "0", "--seed", "9", "--regheader"]
+    options += ["--atlas", str(atlas), "--xmask", str(masks), "--init-reg", str(regs), "--pics"]
+    sessions, workflow = _engine_inputs(tmp_path, *options)
+    for session in sessions:
+        node = f"{session.name}.mideface_wf"
+        bracket = workflow.get_node(f"{node}.bracket").inputs
+        assert (bracket.back_of_head, bracket.forehead, bracket.ears) == (True, True, False)
+        assert (bracket.ripple, bracket.ripple_amp_mm, bracket.ripple_period_mm) == (True, 2, 40)
+        assert bracket.atlas_dir == str(atlas)
+        assert workflow.get_node(f"{node}.register").inputs.atlas_dir == str(atlas)
+        deface = workflow.get_node(f"{node}.deface").inputs
+        assert (deface.fill_const, deface.seed, deface.stat_frame) == ((5.0, 7.0), 9, 0)
+        inputs = workflow.get_node(f"{node}.inputnode").inputs
+        assert inputs.xmask == str(masks.resolve() / bids.exclusion_mask_name(session.reference))
+        assert inputs.init_transform == str(regs.resolve() / bids.transform_name(session.reference))
+        assert workflow.get_node(f"{node}.pics") is not None  # --pics
+        assert workflow.get_node(f"{node}.segment") is None  # the user's exclusion mask
+        assert workflow.get_node(f"{session.name}.derivatives").inputs.seed == 9
+        if session.others:
+            apply_mask = workflow.get_node(f"{node}.apply_mask").inputs
+            assert (apply_mask.fill_const, apply_mask.seed) == ((5.0, 7.0), 9)
+            assert workflow.get_node(f"{node}.coregister").inputs.regheader is True
+    # the defaults, --fill-zero, a bare --ripple, --no-samseg
+    sessions, workflow = _engine_inputs(tmp_path, "--fill-zero", "--ripple", "--no-samseg")
+    node = f"{sessions[0].name}.mideface_wf"
+    bracket = workflow.get_node(f"{node}.bracket").inputs
+    assert (bracket.back_of_head, bracket.ripple, bracket.ripple_amp_mm) == (False, True, 1.5)
+    assert workflow.get_node(f"{node}.deface").inputs.fill_const == (0.0, 0.0)
+    assert workflow.get_node(f"{node}.exclusion") is not None
+    assert workflow.get_node(f"{node}.pics") is None
+    sessions, workflow = _engine_inputs(tmp_path)
+    assert workflow.get_node(f"{sessions[0].name}.mideface_wf.segment") is not None
+    # refused before any work, one line naming the file or option
+    missing = regs / bids.transform_name(sessions[1].reference)
+    missing.unlink()
+    with pytest.raises(io.InputError, match=f"{missing}: not found"):
+        _engine_inputs(tmp_path, "--init-reg", str(regs))
+    _volume(masks / bids.exclusion_mask_name(sessions[0].reference)).write_bytes(b"")
+    with pytest.raises(io.InputError, match="sub-01_desc-exclusion_mask.nii.gz: "):
+        _engine_inputs(tmp_path, "--xmask", str(masks))
+    with pytest.raises(io.InputError, match="--ripple takes AMP and PERIOD at most, not 3"):
+        _engine_inputs(tmp_path, "--ripple", "1", "2", "3")
+    with pytest.raises(io.InputError, match="nowhere: atlas folder not found"):
+        _engine_inputs(tmp_path, "--atlas", "nowhere")
+
+
+def test_cli_filter_file_and_options_refused_in_one_line(tmp_path, capsys):
+    root = _small_dataset(tmp_path / "ds")
+    out, work = tmp_path / "out", tmp_path / "w"
+    filters = tmp_path / "filters.json"
+    filters.write_text('{"t1w": {"session": "nope"}}')
+    base = [str(root), str(out), "participant", "-w", str(work)]
+    assert bids_cli.main([*base, "--bids-filter-file", str(filters)]) == 1
+    err = capsys.readouterr().err
+    assert f"mideface-bids: error: {root}: no T1w image found" in err
+    assert bids_cli.main([*base, "--ripple", "1", "2", "3"]) == 1
+    assert "--ripple takes AMP and PERIOD at most" in capsys.readouterr().err
+    assert not out.exists()

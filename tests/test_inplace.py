@@ -25,6 +25,9 @@ from bids_data import thick_head
 
 from mideface_nipype import bids, fill, io
 
+#: Every test here runs the engine on real heads (or needs a run that does).
+pytestmark = pytest.mark.slow
+
 #: Options of every engine run here: the science is not the point.
 OPTIONS = ("--no-samseg", "--plugin", "Linear", "--seed", "7")
 #: The raw files' mode: not what the umask (022) gives a new file, so a kept mode shows.
@@ -204,10 +207,11 @@ def test_in_place_keeps_the_original_its_mode_and_checksums(runs):
     assert ds_files[T1W][1] == RAW_MODE and ds_files[SIDECAR][1] == RAW_MODE
     assert out_files[f"{bids.ORIGINALS_DIR}/{T1W}"][1] == RAW_MODE
     assert out_files[f"{bids.ORIGINALS_DIR}/{SIDECAR}"][1] == RAW_MODE
-    masks = [k for k in out_files if "desc-" in k]
-    assert len(masks) == 4 and all(out_files[k][1] == 0o644 for k in masks)
+    masks = [k for k in out_files if "desc-" in k]  # face dseg (+ .tsv, .json), exclusion mask
+    assert len(masks) == 5 and all(out_files[k][1] == 0o644 for k in masks)
     assert (a / "ds" / SIDECAR).read_text() == json.dumps({"EchoTime": 0.0046})
-    assert not [k for k in {**ds_files, **out_files} if Path(k).name.startswith(".")]
+    hidden = [k for k in {**ds_files, **out_files} if Path(k).name.startswith(".")]
+    assert hidden == [".bidsignore"]  # the derivative's own, for its reports
 
 
 def test_second_in_place_run_changes_nothing(runs):
@@ -247,7 +251,7 @@ def test_new_raw_data_is_kept_and_defaced(runs):
     # the raw file is the new scan, defaced: not the first run's defaced head
     assert raw.read_bytes() != (runs.states / "a" / "ds" / T1W).read_bytes()
     new, scan = io.stored_data(nib.load(raw)), io.stored_data(nib.load(runs.heads["b"]))
-    face = np.asarray(nib.load(b / "out" / "sub-01/anat/sub-01_desc-face_mask.nii.gz").dataobj)
+    face = np.asarray(nib.load(b / "out" / "sub-01/anat/sub-01_desc-face_dseg.nii.gz").dataobj)
     code = fill.embed_code(np.zeros(new.shape, np.uint8)) != 0
     assert np.array_equal(new[(face == 0) & ~code], scan[(face == 0) & ~code])
     assert np.count_nonzero(new != scan) > 1000 and fill.check_code(new)
@@ -325,7 +329,7 @@ def test_already_defaced_image_is_skipped(runs, tmp_path, how):
         skipped = [ln for ln in proc.stderr.splitlines() if "skipped" in ln]
         assert len(skipped) == 1 and f"{T1W}: already defaced (" in skipped[0], proc.stderr
         assert snapshot(ds) == before
-        assert list(snapshot(out)) == ["dataset_description.json"]
+        assert list(snapshot(out)) == [".bidsignore", "README.md", "dataset_description.json"]
         assert not (tmp_path / "work" / "mideface_bids").exists()
     # --force: planned for defacing again, its raw file kept first as the original
     session = bids.discover(ds)
@@ -375,7 +379,7 @@ def test_existing_outputs_are_not_overwritten_without_force(runs, tmp_path):
     ds = make_dataset(tmp_path / "ds", runs.heads["a"])
     out = tmp_path / "out"
     bids.write_dataset_description(ds, out)
-    mask = out / "sub-01/anat/sub-01_desc-face_mask.nii.gz"
+    mask = out / "sub-01/anat/sub-01_desc-face_dseg.nii.gz"
     mask.parent.mkdir(parents=True)
     mask.write_bytes(b"someone's file")
     before = (snapshot(ds), snapshot(out))

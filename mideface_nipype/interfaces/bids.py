@@ -25,6 +25,10 @@ class _WriteDerivativesInputSpec(StepInputSpec):
     exclusion_mask = File(exists=True, mandatory=True, desc="exclusion mask of the T1w")
     other_defaced = InputMultiObject(File(exists=True), desc="defaced other images, in order")
     other_face_masks = InputMultiObject(File(exists=True), desc="their face masks, in order")
+    transform = File(exists=True, desc="4x4 RAS matrix, T1w mm -> atlas mm (text)")
+    report = File(exists=True, desc="the session's report.html")
+    pictures = InputMultiObject(File(exists=True), desc="QA pictures (--pics)")
+    segmentation_report = File(exists=True, desc="the segmentation picture (PNG)")
     in_place = traits.Bool(False, usedefault=True, desc="overwrite the raw images")
     publish_reference = traits.Bool(
         True, usedefault=True, desc="write the T1w (False: it only gives the others' face mask)"
@@ -53,6 +57,12 @@ class WriteDerivatives(StepInterface):
             exclusion_mask=self.inputs.exclusion_mask,
             other_defaced=list(self.inputs.other_defaced or []),
             other_face_masks=list(self.inputs.other_face_masks or []),
+            transform=self.inputs.transform or None,
+            report_file=self.inputs.report or None,
+            pictures=[
+                *(self.inputs.pictures or []),
+                *([self.inputs.segmentation_report] if self.inputs.segmentation_report else []),
+            ],
             in_place=self.inputs.in_place,
             publish_reference=self.inputs.publish_reference,
             seed=self.inputs.seed,
