@@ -596,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         if _SIGNALLED:  # Nipype reports the interrupt of a node as its crash
             return _interrupted()
         message = _error_line(err)
-        if command is run and args.i not in message:
-            message = f"{args.i}: {message}"
+        if command is run:  # name --i unless the message names the file that failed
+            named = [args.i, *(str(Path(f).resolve()) for f in [args.i, *args.apply_to])]
+            if not any(path in message for path in named):
+                message = f"{args.i}: {message}"
         LOGGER.debug("failure", exc_info=True)
         _log_error(message)
         print(f"mideface: error: {message}", file=sys.stderr)

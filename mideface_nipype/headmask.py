@@ -26,6 +26,10 @@ MIN_HEAD_VOLUME_ML = 100.0
 MIN_SEED_FRACTION = 0.1
 """A component at the volume centre smaller than this fraction of the largest one is a speck
 (noise, a vessel, a bright voxel of another contrast), not the head."""
+TISSUE_FRACTION = 0.5
+"""The air threshold stays below this fraction of the median tissue intensity, so that a bright
+compartment of another contrast (fluid, sinus or fat signal; more than the robust maximum's
+0.1 %) cannot push the head under the threshold and leave only specks of it."""
 
 _UCHAR_MAX = 255.0
 
@@ -49,6 +53,23 @@ def rescale_to_uchar(data: np.ndarray, *, robust_max_frac: float = ROBUST_MAX_FR
         return np.zeros(values.shape)
     robust_max = np.quantile(positive, robust_max_frac)
     return np.clip(values * (_UCHAR_MAX / robust_max), 0.0, _UCHAR_MAX)
+
+
+def air_threshold(intensity: np.ndarray, thresh1: float = THRESH1) -> float:
+    """``thresh1`` on the 0..255 scale, lowered to ``TISSUE_FRACTION`` of the median tissue.
+
+    ``mri_seghead``'s fixed threshold assumes that the robust maximum is bright tissue, true of a
+    T1w (every development head keeps ``thresh1``). When a compartment brighter than the tissue
+    by an order of magnitude fills more than 0.1 % of the volume, the tissue falls under the
+    fixed threshold. The tissue is taken as the unsaturated voxels (below ``255 - THRESH2``, so
+    not the compartment) above their mean: air fills much of any head scan, so the mean lies
+    between air and tissue.
+    """
+    unsaturated = intensity[intensity < _UCHAR_MAX - THRESH2]
+    tissue = unsaturated[unsaturated > unsaturated.mean()] if unsaturated.size else unsaturated
+    if tissue.size == 0:
+        return thresh1
+    return min(thresh1, TISSUE_FRACTION * float(np.median(tissue)))
 
 
 def _scanline_fill(bright: np.ndarray, axis: int, nhits_min: int) -> np.ndarray:
@@ -152,17 +173,18 @@ def seghead(
 ) -> np.ndarray:
     """Boolean head mask of a 3-D intensity array (``mri_seghead --rescale --fill-holes-islands``).
 
-    A voxel is a head candidate when it lies between the first and last bright runs of its lines
-    along all three axes, or is bright itself (``255 - intensity <= thresh2``). The head is the
-    candidate component at the volume centre (largest component if the centre misses), with holes
-    filled. Raises ``NoHeadError`` for empty, constant, or implausibly small results.
+    A voxel is a head candidate when it lies between the first and last bright runs (above
+    ``air_threshold``) of its lines along all three axes, or is bright itself
+    (``255 - intensity <= thresh2``). The head is the candidate component at the volume centre
+    (largest component if the centre misses), with holes filled. Raises ``NoHeadError`` for
+    empty, constant, or implausibly small results.
     """
     if data.ndim != 3:
         raise ValueError(f"seghead needs a 3-D array, got shape {data.shape}")
     if nhits_min < 1:
         raise ValueError(f"nhits_min must be >= 1, got {nhits_min}")
     intensity = rescale_to_uchar(data, robust_max_frac=robust_max_frac)
-    bright = intensity > thresh1
+    bright = intensity > air_threshold(intensity, thresh1)
     inside_all_axes = np.logical_and.reduce(
         [_scanline_fill(bright, axis, nhits_min) for axis in range(3)]
     )
@@ -183,18 +205,24 @@ def head_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     """Head mask (uint8 0/1) of ``img`` on its grid and affine; 4-D images use frame 0.
 
     Adds a world-unit size check to ``seghead``'s voxel-count check, since a few voxels of noise
-    in a coarse or small field of view can pass a relative check.
+    in a coarse or small field of view can pass a relative check. A ``NoHeadError`` names the
+    image's file when it has one: with ``--apply-to`` the failing image may not be the T1w.
     """
     if len(img.shape) < 3:
         raise ValueError(f"head_mask needs a 3-D or 4-D image, got shape {img.shape}")
     first_frame = (slice(None),) * 3 + (0,) * (len(img.shape) - 3)
     data = np.asanyarray(img.dataobj[first_frame])
-    mask = seghead(data)
-    voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
-    head_ml = np.count_nonzero(mask) * voxel_ml
-    if head_ml < MIN_HEAD_VOLUME_ML:
-        raise NoHeadError(
-            f"no head found in the image: head of {head_ml:.0f} mL is smaller than "
-            f"{MIN_HEAD_VOLUME_ML:.0f} mL"
-        )
+    try:
+        mask = seghead(data)
+        voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
+        head_ml = np.count_nonzero(mask) * voxel_ml
+        if head_ml < MIN_HEAD_VOLUME_ML:
+            raise NoHeadError(
+                f"no head found in the image: head of {head_ml:.0f} mL is smaller than "
+                f"{MIN_HEAD_VOLUME_ML:.0f} mL"
+            )
+    except NoHeadError as err:
+        if img.get_filename() is None:
+            raise
+        raise NoHeadError(f"{img.get_filename()}: {err}") from err
     return nib.Nifti1Image(mask.astype(np.uint8), img.affine)

@@ -13,6 +13,7 @@ from mideface_nipype.headmask import (
     THRESH1,
     NoHeadError,
     _scanline_fill,
+    air_threshold,
     head_mask,
     rescale_to_uchar,
     seghead,
@@ -190,6 +191,41 @@ def test_a_speck_at_the_centre_does_not_beat_the_head(
     assert not mask[centre]
     # the two bright voxels shift the robust maximum a little: a voxel may differ at the skin
     assert np.count_nonzero(mask != np.pad(ixi_mask, padding)) < 10
+
+
+def test_every_t1w_keeps_the_freesurfer_threshold(head: Head) -> None:
+    """The air threshold only moves for images whose robust maximum is not bright tissue."""
+    assert air_threshold(head.intensity) == THRESH1
+
+
+def test_a_bright_compartment_does_not_leave_only_specks(
+    ixi_data: np.ndarray, ixi_mask: np.ndarray
+) -> None:
+    """The dark inside of the head (sinus air, bone, CSF: a tenth of the volume) made 50 times
+    brighter than any tissue, as an inverted contrast can make it: the robust maximum lands
+    there, the rest of the head falls under the fixed threshold, which left specks of it
+    ("largest region has 389 voxels")."""
+    data = ixi_data.astype(np.float32)
+    dark_inside = ndimage.binary_erosion(ixi_mask, iterations=3) & (data < 0.2 * data.max())
+    assert dark_inside.mean() > 0.05
+    data[dark_inside] = 50.0 * ixi_data.max()
+    intensity = rescale_to_uchar(data)
+    rest = ixi_mask & ~dark_inside
+    assert np.count_nonzero(intensity[rest] > THRESH1) == 0
+    assert air_threshold(intensity) < THRESH1
+    mask = seghead(data)
+    dice = 2 * np.count_nonzero(mask & ixi_mask) / (mask.sum() + ixi_mask.sum())
+    assert dice > 0.95
+
+
+def test_no_head_error_names_the_file(tmp_path) -> None:
+    path = tmp_path / "sub-01_T2w.nii.gz"
+    noise = np.random.default_rng(0).normal(100, 10, (40, 40, 40)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, np.diag([4.0, 4.0, 4.0, 1.0])), path)
+    with pytest.raises(NoHeadError, match=f"^{path}: no head found in the image"):
+        head_mask(nib.load(path))
+    with pytest.raises(NoHeadError, match="^no head found in the image"):  # no file, no name
+        head_mask(nib.Nifti1Image(noise, np.eye(4)))
 
 
 def test_head_mask_uses_first_frame(ixi_data: np.ndarray, ixi_mask: np.ndarray) -> None:

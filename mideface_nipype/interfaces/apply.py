@@ -55,14 +55,17 @@ class Coregister(StepInterface):
             else:
                 img = io.load_volume(self.inputs.in_file)
                 ref = io.load_volume(self.inputs.reference)
-                matrix, record["head_dice"] = register.coregister(
-                    io.first_frame(img),
-                    img.affine,
-                    np.asarray(headmask.head_mask(img).dataobj) > 0,
-                    io.first_frame(ref),
-                    ref.affine,
-                    load_mask(self.inputs.reference_mask)[0],
-                )
+                try:  # name this contrast: the run's error line would name the reference
+                    matrix, record["head_dice"] = register.coregister(
+                        io.first_frame(img),
+                        img.affine,
+                        np.asarray(headmask.head_mask(img).dataobj) > 0,
+                        io.first_frame(ref),
+                        ref.affine,
+                        load_mask(self.inputs.reference_mask)[0],
+                    )
+                except register.RegistrationError as err:
+                    raise register.RegistrationError(f"{self.inputs.in_file}: {err}") from err
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "to_reference.txt"))
         self._results["itk_transform"] = str(
             register.ras_to_ants_transform(matrix, out_path(runtime, "to_reference.mat"))
