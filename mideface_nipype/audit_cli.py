@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = audit.audit_image(io.load_volume(path), str(path))
         except (ValueError, RuntimeError) as err:  # no head, no skin: the others still count
-            result = audit.AuditResult(str(path), NOT_AUDITED, " ".join(str(err).split()))
+            reason = " ".join(str(err).split()).removeprefix(f"{path}: ")
+            result = audit.AuditResult(str(path), NOT_AUDITED, reason)
         if result.verdict not in (audit.FACE_IN_VIEW, audit.OUT_OF_VIEW):
             result.renders.clear()  # the page shows only these images' renders
         results.append(result)
