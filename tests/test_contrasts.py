@@ -138,7 +138,7 @@ APPLY_TO_REMAPS = ("T2", "PD", "FLAIR")
 
 @pytest.fixture(scope="session")
 def contrast_runs(tmp_path_factory) -> Callable[[str], tuple[Path, dict[str, np.ndarray]]]:
-    """Per face head, made once when first asked (also when it fails): one ``mideface
+    """Per T1w head, made once when first asked (also when it fails): one ``mideface
     --apply-to`` run of the T1w with its turned remaps; (the run's base folder, whose ``od`` is
     its --odir, {remap: its mm -> T1w mm matrix})."""
     done: dict[str, tuple[Path, dict[str, np.ndarray], int]] = {}
@@ -161,7 +161,7 @@ def contrast_runs(tmp_path_factory) -> Callable[[str], tuple[Path, dict[str, np.
 
 @pytest.mark.slow
 @pytest.mark.parametrize("remap", APPLY_TO_REMAPS)
-@pytest.mark.parametrize("name", FACE_HEADS)
+@pytest.mark.parametrize("name", ALL_T1W_HEADS)
 def test_apply_to_a_remap_changes_no_brain_voxel(name, remap, contrast_runs):
     base, truth = contrast_runs(name)
     t1 = nib.load(HEADS_DIR / name)
