@@ -468,7 +468,8 @@ def save_qa(
 ) -> None:
     """Step 7: renders of the labelled surface, of each peer's face region beside our labels,
     and slices of the most likely tissue class."""
-    from mideface_nipype import qa, render
+    from mideface_nipype.reports import render
+    from mideface_nipype.reports.slices import save_png
 
     palette = np.array(
         [
@@ -488,7 +489,7 @@ def save_qa(
     colours[watermark] = [20, 20, 20]
     qa_dir.mkdir(parents=True, exist_ok=True)
     for view in ("front", "left", "right", "three-quarter"):
-        qa.save_png(
+        save_png(
             render.render_mesh(mesh.vertices, mesh.faces, view=view, vertex_colors=colours),
             qa_dir / f"labels-{view}.png",
         )
@@ -507,7 +508,7 @@ def save_qa(
             for v in ("front", "left", "three-quarter")
         ]
         height = max(v.shape[0] for v in views)
-        qa.save_png(
+        save_png(
             np.concatenate(
                 [np.pad(v, ((0, height - v.shape[0]), (0, 4), (0, 0))) for v in views], 1
             ),
@@ -534,7 +535,7 @@ def save_qa(
     panel = np.concatenate(
         [np.pad(s, ((0, height - s.shape[0]), (0, 2)), constant_values=0) for s in slices], axis=1
     )
-    qa.save_png(np.repeat(np.repeat(tissue_colours[panel], 3, 0), 3, 1), qa_dir / "priors.png")
+    save_png(np.repeat(np.repeat(tissue_colours[panel], 3, 0), 3, 1), qa_dir / "priors.png")
 
 
 def build(sources: Path, out: Path, *, qa_renders: bool = True) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mideface_nipype import io
-from mideface_nipype.fill import DEFAULT_SEED
+from mideface_nipype.engine.fill import DEFAULT_SEED
+from mideface_nipype.utils import io
 
 #: A spatial image as nibabel loads it (NIfTI-1/2, MGH/MGZ).
 Image = nib.spatialimages.SpatialImage
@@ -124,7 +124,7 @@ def deface(
     >>> result = deface(nib.load("sub-01_T1w.nii.gz"), seed=7)  # doctest: +SKIP
     >>> nib.save(result.defaced, "sub-01_T1w_defaced.nii.gz")  # doctest: +SKIP
     """
-    from mideface_nipype.workflows import run_mideface_wf
+    from mideface_nipype.workflows.base import run_mideface_wf
 
     with tempfile.TemporaryDirectory(prefix="mideface-api-") as tmp:
         folder = Path(tmp)

@@ -68,7 +68,7 @@ def make_dataset(root: Path) -> dict[str, list]:
 
 def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     """``mideface-bids`` as a whole process (as users and SLURM jobs see it)."""
-    cmd = [sys.executable, "-m", "mideface_nipype.bids_cli", *[str(a) for a in args]]
+    cmd = [sys.executable, "-m", "mideface_nipype.cli.mideface_bids", *[str(a) for a in args]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,11 +10,11 @@ import numpy as np
 import runcache
 from conftest import ATLAS_SOURCES_DIR
 
-from mideface_nipype import evaluate
+from mideface_nipype.evaluation import metrics
 
-#: ``evaluate.independent_brain_mask(img, sources)``, shared by the session (keyed by the image's
+#: ``metrics.independent_brain_mask(img, sources)``, shared by the session (keyed by the image's
 #: values and affine and the sources' files).
-shared_brain_mask = runcache.memoized("independent_brain_mask", evaluate.independent_brain_mask)
+shared_brain_mask = runcache.memoized("independent_brain_mask", metrics.independent_brain_mask)
 
 
 @lru_cache(maxsize=16)

@@ -29,8 +29,8 @@ import numpy as np
 
 #: Environment variable naming a cache folder to use instead of the session's.
 CACHE_ENV = "PYTEST_RUN_CACHE"
-#: Functions of ``mideface_nipype.register`` whose results a session shares: the pose search and
-#: each ANTs optimisation, pure functions of their (small, registration-grid) arrays.
+#: Functions of ``mideface_nipype.engine.register`` whose results a session shares: the pose
+#: search and each ANTs optimisation, pure functions of their (small, registration-grid) arrays.
 REGISTRATION_STEPS = ("search_initial_pose", "register_affine")
 
 _root: list[Path] = []
@@ -51,7 +51,7 @@ def cache_root() -> Path:
 def code_version() -> str:
     """sha256 of every file of the package and of the atlas it loads (any edit changes it)."""
     import mideface_nipype
-    from mideface_nipype.atlas import atlas_dir
+    from mideface_nipype.engine.atlas import atlas_dir
 
     digest = hashlib.sha256()
     for folder in (Path(mideface_nipype.__file__).parent, atlas_dir()):
@@ -171,10 +171,10 @@ def memoized(kind: str, func: Callable) -> Callable:
 
 @contextmanager
 def shared_registrations() -> Iterator[None]:
-    """While it holds, the pose search and ANTs optimisations of ``mideface_nipype.register``
+    """While it holds, the pose search and ANTs optimisations of ``mideface_nipype.engine.register``
     (the engine's in-process nodes, ``evaluate.align_to_atlas``, the tests) are computed once per
     session for the same arrays and options, in whatever test or worker first needs them."""
-    from mideface_nipype import register
+    from mideface_nipype.engine import register
 
     saved = {name: getattr(register, name) for name in REGISTRATION_STEPS}
     for name, func in saved.items():
@@ -189,7 +189,7 @@ def shared_registrations() -> Iterator[None]:
 @contextmanager
 def fresh_registrations() -> Iterator[None]:
     """The real registration steps, for a test of their repeatability."""
-    from mideface_nipype import register
+    from mideface_nipype.engine import register
 
     shared = {name: getattr(register, name) for name in REGISTRATION_STEPS}
     for name, func in shared.items():
@@ -210,7 +210,8 @@ def default_run(
     be found at ``DIR.parent / "in" / name``. The defaced volume equals ``--o``'s: one engine,
     one publisher.
     """
-    from mideface_nipype import cli, report
+    from mideface_nipype.cli import mideface as cli
+    from mideface_nipype.reports import report
 
     name = name or head.name
     if sidecar is not None and not report.is_bids_name(Path(name)):

@@ -10,7 +10,8 @@ import pytest
 from conftest import HEADS_DIR
 
 import mideface_nipype
-from mideface_nipype import cli, io
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.utils import io
 
 FROM_FILE = HEADS_DIR / "IXI013-HH-1212-T1_ds.nii.gz"
 IN_MEMORY = HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz"

@@ -10,8 +10,10 @@ from conftest import FACE_HEADS, HEADS_DIR
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype import apply, cli, fill, io, register
-from mideface_nipype.workflows import init_mideface_wf, workflow_outputs
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.engine import apply, fill, register
+from mideface_nipype.utils import io
+from mideface_nipype.workflows.base import init_mideface_wf, workflow_outputs
 
 #: Every test here runs the engine on real heads (or needs a run that does).
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from conftest import ATLAS_SOURCES_DIR
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from mideface_nipype import atlas as atlas_mod
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.engine import atlas as atlas_mod
+from mideface_nipype.engine.atlas import load_atlas
 
 REPO = Path(__file__).resolve().parents[1]
 

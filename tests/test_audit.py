@@ -15,7 +15,9 @@ import pytest
 from brain import shared_brain_mask
 from conftest import ATLAS_SOURCES_DIR, HEADS_DIR, default_run
 
-from mideface_nipype import audit, audit_cli, evaluate_peers, io
+from mideface_nipype.cli import mideface_audit as audit_cli
+from mideface_nipype.evaluation import audit, peers
+from mideface_nipype.utils import io
 
 #: quickshear (a peer under test, not ours) warns about numpy 2's 2-D cross products.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:quickshear")
@@ -59,10 +61,10 @@ def heads(tmp_path_factory) -> Path:
         default_run(IXI, "--pics") / "defaced.nii.gz", folder / "mideface_IXI012.nii.gz"
     )
     ixi = io.load_volume(HEADS_DIR / IXI)
-    nib.save(evaluate_peers.pydeface_ants(ixi), folder / "pydeface_IXI012.nii.gz")
+    nib.save(peers.pydeface_ants(ixi), folder / "pydeface_IXI012.nii.gz")
     dcmqa = io.load_volume(HEADS_DIR / DCMQA)
     brain = shared_brain_mask(dcmqa, ATLAS_SOURCES_DIR)
-    nib.save(evaluate_peers.quickshear_deface(dcmqa, brain), folder / "quickshear_dcmqa.nii.gz")
+    nib.save(peers.quickshear_deface(dcmqa, brain), folder / "quickshear_dcmqa.nii.gz")
     return folder
 
 

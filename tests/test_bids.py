@@ -29,7 +29,10 @@ from brain import independent_brain_mask
 from conftest import HEADS_DIR
 from PIL import Image
 
-from mideface_nipype import apply, bids, bids_cli, fill, io, qa, report
+from mideface_nipype.cli import mideface_bids as bids_cli
+from mideface_nipype.engine import apply, fill
+from mideface_nipype.reports import report, slices
+from mideface_nipype.utils import bids, io
 
 #: Seconds the kill test waits for the first subject's registration to finish.
 KILL_WAIT_S = 180
@@ -428,7 +431,7 @@ def test_killed_run_resumes_with_identical_outputs(reference, tmp_path):
     args = [bids_dir, out, "participant", "--participant-label", "01", NOISE_SUBJECT]
     args += [*RUN_OPTIONS, "--work-dir", work]
     done = work / "mideface_bids/sub_01/mideface_wf/register/result_register.pklz"
-    cmd = [sys.executable, "-m", "mideface_nipype.bids_cli", *[str(a) for a in args]]
+    cmd = [sys.executable, "-m", "mideface_nipype.cli.mideface_bids", *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + KILL_WAIT_S
@@ -512,7 +515,7 @@ def test_subject_reports_link_every_session(reference):
         # the segmentation picture draws its own legend: a swatch of each label colour
         picture = np.asarray(Image.open(figures / f"{label}_{bids.SEGMENTATION_PICTURE}"))
         bottom = picture[-picture.shape[0] // 4 :].reshape(-1, 3)
-        for colour in qa.LABEL_COLOURS[1:]:
+        for colour in slices.LABEL_COLOURS[1:]:
             assert (bottom == colour).all(axis=1).any(), colour
 
 

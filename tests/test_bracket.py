@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
-from mideface_nipype import bracket as bk
+from mideface_nipype.engine import bracket as bk
 
 REAL_HEAD = HEADS_DIR / "IXI012-HH-1211-T1_ds.nii.gz"
 ERODE_VOX = 3

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import HEADS_DIR
 
-from mideface_nipype import __version__, cli
+from mideface_nipype import __version__
+from mideface_nipype.cli import mideface as cli
 
 SAMPLE = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
 
@@ -24,7 +25,9 @@ def _run(args, capsys) -> tuple[int, str]:
 
 def test_help_explains_the_options():
     proc = subprocess.run(
-        [sys.executable, "-m", "mideface_nipype.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "mideface_nipype.cli.mideface", "--help"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0
     for option in (
@@ -45,7 +48,7 @@ def test_help_loads_neither_nipype_nor_ants():
     """``--help`` answers at once: the heavy libraries load only when a run needs them."""
     code = (
         "import sys\n"
-        "from mideface_nipype import cli\n"
+        "from mideface_nipype.cli import mideface as cli\n"
         "try:\n"
         "    cli.main(['--help'])\n"
         "except SystemExit:\n"
@@ -140,7 +143,7 @@ def _copy(src: Path, dst: Path, frames: int = 1) -> Path:
 
 
 def test_default_graph(graph_of):
-    from mideface_nipype import exclusion, fill
+    from mideface_nipype.engine import exclusion, fill
 
     wf, plugin, _ = graph_of()
     assert plugin == "Linear"
@@ -187,7 +190,7 @@ def test_exclusion_mask_flags_choose_its_source(graph_of, tmp_path):
 
 
 def test_what_to_deface_and_ripple_reach_the_bracket(graph_of):
-    from mideface_nipype import bracket
+    from mideface_nipype.engine import bracket
 
     wf, _, _ = graph_of("--forehead", "--back-of-head", "--no-ears", "--ripple")
     assert _inputs(wf, "bracket", "ears", "forehead", "back_of_head", "ripple") == (

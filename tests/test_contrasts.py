@@ -19,8 +19,10 @@ from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype import apply, cli, fill, io, register
-from mideface_nipype.headmask import head_mask, seghead
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.engine import apply, fill, register
+from mideface_nipype.engine.headmask import head_mask, seghead
+from mideface_nipype.utils import io
 
 #: How the head is turned in the remapped image (degrees about x, y, z) and its grid (mm).
 TURN_DEG = (12.0, -9.0, 14.0)

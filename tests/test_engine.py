@@ -12,10 +12,13 @@ from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR, default_run
 from scipy import ndimage as ndi
 from test_report import assert_renders_differ_in_the_face_only
 
-from mideface_nipype import bracket, cli, fill, io, report
-from mideface_nipype.atlas import load_atlas
-from mideface_nipype.evaluate import rigid_part
-from mideface_nipype.segment import SEG_LABELS
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.engine import bracket, fill
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.engine.segment import SEG_LABELS
+from mideface_nipype.evaluation.metrics import rigid_part
+from mideface_nipype.reports import report
+from mideface_nipype.utils import io
 
 #: Smallest mean change (mm) of the frontal skin depth over the face region after defacing.
 MIN_MEAN_DEPTH_CHANGE_MM = 1.0

@@ -14,8 +14,12 @@ import trimesh
 from brain import shared_brain_mask
 from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
 
-from mideface_nipype import eval_cli, evaluate, evaluate_peers, io, register, render
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.cli import mideface_eval as eval_cli
+from mideface_nipype.engine import register
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.evaluation import metrics, peers
+from mideface_nipype.reports import render
+from mideface_nipype.utils import io
 
 #: Three real heads for the end-to-end run (2 mm: cheap).
 E2E_HEADS = FACE_HEADS[:3]
@@ -29,14 +33,14 @@ def test_rank_of_truth_counts_nearer_impostors_and_ties():
             [0.3, 0.3, 0.3],  # true 2, all tied: ties count against the attacker
         ]
     )
-    ranks = evaluate.rank_of_truth(distances, np.array([0, 1, 2]))
+    ranks = metrics.rank_of_truth(distances, np.array([0, 1, 2]))
     assert ranks.tolist() == [1, 3, 3]
 
 
 def test_descriptor_distances_are_euclidean():
     probes = np.array([[0.0, 0.0], [3.0, 4.0]])
     gallery = np.array([[0.0, 0.0], [0.0, 4.0], [3.0, 0.0]])
-    assert np.allclose(evaluate.descriptor_distances(probes, gallery), [[0, 4, 3], [5, 3, 4]])
+    assert np.allclose(metrics.descriptor_distances(probes, gallery), [[0, 4, 3], [5, 3, 4]])
 
 
 def test_depth_correlation_over_region_ignores_missing_pixels():
@@ -47,9 +51,9 @@ def test_depth_correlation_over_region_ignores_missing_pixels():
     b = 2 * a + 7
     b[0, 0] = np.nan  # outside the region
     b[6, 6] = np.nan  # inside: left out, not propagated
-    assert evaluate.depth_correlation(a, b, region) == pytest.approx(1.0)
-    assert evaluate.depth_correlation(a, -a, region) == pytest.approx(-1.0)
-    assert np.isnan(evaluate.depth_correlation(a, a, np.zeros_like(region)))
+    assert metrics.depth_correlation(a, b, region) == pytest.approx(1.0)
+    assert metrics.depth_correlation(a, -a, region) == pytest.approx(-1.0)
+    assert np.isnan(metrics.depth_correlation(a, a, np.zeros_like(region)))
 
 
 def test_render_of_a_known_sphere_gives_its_depth():
@@ -86,7 +90,7 @@ def test_render_views_of_a_ball_volume_through_a_rigid_matrix():
     skin_radius = 55 - 10 * render.skin_level(data) / 100
     to_atlas = np.eye(4)
     to_atlas[1, 3] = 10.0  # 10 mm towards the front (+A)
-    views = evaluate.render_views(data, affine, to_atlas, yaws_deg=(0.0, 30.0))
+    views = metrics.render_views(data, affine, to_atlas, yaws_deg=(0.0, 30.0))
     for yaw, rend in views.items():
         towards = render.camera(yaw)[2]
         expected = towards @ [0.0, 10.0, 0.0] + skin_radius
@@ -99,7 +103,7 @@ def test_rigid_part_keeps_rotation_and_centre():
     affine[:3, :3] = rot @ np.diag([1.1, 0.9, 1.05])
     affine[:3, 3] = [5.0, -3.0, 2.0]
     centre = np.array([10.0, 20.0, -5.0])
-    rigid = evaluate.rigid_part(affine, centre)
+    rigid = metrics.rigid_part(affine, centre)
     assert np.allclose(rigid[:3, :3], rot, atol=0.06)
     assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3))
     assert np.allclose(
@@ -108,8 +112,8 @@ def test_rigid_part_keeps_rotation_and_centre():
 
 
 def test_face_region_is_the_atlas_face_in_the_frontal_view():
-    region = evaluate.face_region(0.0)
-    cam, frame = evaluate.view_frame(0.0)
+    region = metrics.face_region(0.0)
+    cam, frame = metrics.view_frame(0.0)
     assert region.shape == (frame.height, frame.width)
     rows, cols = np.nonzero(region)
     # the face is centred left-right; face area of an adult, roughly 100-300 cm^2
@@ -123,7 +127,7 @@ def test_refacing_attacks_remove_noise_and_keep_level():
     data = np.full((20, 20, 20), 50.0, np.float32)
     salt = rng.random(data.shape) < 0.02
     noisy = np.where(salt, 500.0, data).astype(np.float32)
-    attacked = evaluate.refacing_attacks(noisy, np.diag([1.0, 1.0, 1.0, 1.0]))
+    attacked = metrics.refacing_attacks(noisy, np.diag([1.0, 1.0, 1.0, 1.0]))
     assert np.count_nonzero(attacked["median"][2:-2, 2:-2, 2:-2] != 50.0) == 0
     assert attacked["smooth"][5:-5, 5:-5, 5:-5].std() < noisy[5:-5, 5:-5, 5:-5].std() / 3
 
@@ -135,34 +139,34 @@ def test_voxel_and_volume_changes():
     b[3, 3, 3] = 1
     mask = np.zeros_like(a, bool)
     mask[:2] = True
-    assert evaluate.voxels_changed(a, b, mask) == 1
-    change = evaluate.percent_change({"gm": 500.0, "wm": 400.0}, {"gm": 505.0, "wm": 400.0})
+    assert metrics.voxels_changed(a, b, mask) == 1
+    change = metrics.percent_change({"gm": 500.0, "wm": 400.0}, {"gm": 505.0, "wm": 400.0})
     assert change == pytest.approx({"gm": 1.0, "wm": 0.0})
 
 
 def test_run_measured_reports_peak_memory_and_failures():
-    wall, peak_gb = evaluate.run_measured(
+    wall, peak_gb = metrics.run_measured(
         [sys.executable, "-c", "x = bytearray(300_000_000); x[::4096] = b'1' * len(x[::4096])"]
     )
     assert wall > 0 and 0.28 < peak_gb < 2.0
     # the harness's own memory does not leak into the measure (it forks a small launcher)
     ballast = np.ones(400_000_000 // 8)
-    _, small_gb = evaluate.run_measured([sys.executable, "-c", "pass"])
+    _, small_gb = metrics.run_measured([sys.executable, "-c", "pass"])
     assert small_gb < 0.1 and ballast.sum() > 0
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate.run_measured([sys.executable, "-c", "raise SystemExit('boom')"])
+        metrics.run_measured([sys.executable, "-c", "raise SystemExit('boom')"])
 
 
 @pytest.mark.slow
 def test_describe_face_on_a_real_render_and_fallback():
     """An intact head's frontal render holds a detected face; an empty picture uses the box."""
     img = nib.load(HEADS_DIR / FACE_HEADS[0])
-    to_atlas = evaluate.align_to_atlas(img)
-    views = evaluate.render_views(io.first_frame(img), img.affine, to_atlas, yaws_deg=(0.0,))
-    face = evaluate.describe_face(views[0.0].rgb(), evaluate.face_region(0.0))
+    to_atlas = metrics.align_to_atlas(img)
+    views = metrics.render_views(io.first_frame(img), img.affine, to_atlas, yaws_deg=(0.0,))
+    face = metrics.describe_face(views[0.0].rgb(), metrics.face_region(0.0))
     assert face.detected and face.descriptor.shape == (128,)
     blank = np.zeros_like(views[0.0].rgb())
-    empty = evaluate.describe_face(blank, evaluate.face_region(0.0))
+    empty = metrics.describe_face(blank, metrics.face_region(0.0))
     assert not empty.detected and empty.descriptor.shape == (128,)
     # dlib's own threshold: the same face is within 0.6, an empty picture is not
     assert np.linalg.norm(face.descriptor - empty.descriptor) > 0.6
@@ -175,15 +179,15 @@ def test_control_identifies_turned_intact_heads_at_rank_1():
     faces = {}
     for name in FACE_HEADS:
         img = nib.load(HEADS_DIR / name)
-        views = evaluate.render_views(io.first_frame(img), img.affine, evaluate.align_to_atlas(img))
+        views = metrics.render_views(io.first_frame(img), img.affine, metrics.align_to_atlas(img))
         for yaw, rend in views.items():
-            faces[name, yaw] = evaluate.describe_face(rend.rgb(), evaluate.face_region(yaw))
-    assert all(faces[name, evaluate.GALLERY_YAW_DEG].detected for name in FACE_HEADS)
-    gallery = np.stack([faces[name, evaluate.GALLERY_YAW_DEG].descriptor for name in FACE_HEADS])
-    probes = [(i, yaw) for i in range(len(FACE_HEADS)) for yaw in evaluate.CONTROL_YAWS_DEG]
+            faces[name, yaw] = metrics.describe_face(rend.rgb(), metrics.face_region(yaw))
+    assert all(faces[name, metrics.GALLERY_YAW_DEG].detected for name in FACE_HEADS)
+    gallery = np.stack([faces[name, metrics.GALLERY_YAW_DEG].descriptor for name in FACE_HEADS])
+    probes = [(i, yaw) for i in range(len(FACE_HEADS)) for yaw in metrics.CONTROL_YAWS_DEG]
     desc = np.stack([faces[FACE_HEADS[i], yaw].descriptor for i, yaw in probes])
     truth = np.array([i for i, _ in probes])
-    ranks = evaluate.rank_of_truth(evaluate.descriptor_distances(desc, gallery), truth)
+    ranks = metrics.rank_of_truth(metrics.descriptor_distances(desc, gallery), truth)
     assert np.count_nonzero(ranks == 1) >= 0.9 * len(probes), ranks.tolist()
 
 
@@ -191,13 +195,13 @@ def test_lit_from_above_shades_upward_faces_brighter():
     cam = render.camera(0.0)
     up, down = (cam[2] + cam[1]) / np.sqrt(2), (cam[2] - cam[1]) / np.sqrt(2)
     normals = np.stack([cam[2], up, down, np.full(3, np.nan)])
-    shade = evaluate.lit_from_above(normals[None], cam)[0]
-    elevation = evaluate.LIGHT_ELEVATION_DEG
+    shade = metrics.lit_from_above(normals[None], cam)[0]
+    elevation = metrics.LIGHT_ELEVATION_DEG
     lambert = np.cos(np.deg2rad([elevation, 45 - elevation, 45 + elevation]))
     assert shade[:3] == pytest.approx(render.AMBIENT + (1 - render.AMBIENT) * lambert)
     assert shade[1] > shade[0] > shade[2] and np.isnan(shade[3])
     # two-sided: a normal turned away from the camera is shaded as its reverse
-    assert evaluate.lit_from_above(-normals[None], cam)[0, :3] == pytest.approx(shade[:3])
+    assert metrics.lit_from_above(-normals[None], cam)[0, :3] == pytest.approx(shade[:3])
 
 
 def _tissue_phantom() -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -220,16 +224,16 @@ def _tissue_phantom() -> tuple[nib.Nifti1Image, np.ndarray]:
 
 def test_tissue_volumes_repeatable_and_blind_to_voxels_outside_the_brain():
     img, brain = _tissue_phantom()
-    before = evaluate.tissue_volumes_ml(img, brain)
-    assert evaluate.tissue_volumes_ml(img, brain) == before  # Atropos seeded, N4 single-thread
+    before = metrics.tissue_volumes_ml(img, brain)
+    assert metrics.tissue_volumes_ml(img, brain) == before  # Atropos seeded, N4 single-thread
     # the three shells' volumes, within the partial volume of a 2 mm grid
     ml = {"wm": 4 / 3 * np.pi * 25**3, "gm": 4 / 3 * np.pi * (33**3 - 25**3)}
     assert before["wm"] == pytest.approx(ml["wm"] / 1000, rel=0.1)
     assert before["gm"] == pytest.approx(ml["gm"] / 1000, rel=0.1)
     defaced = np.asarray(img.dataobj).copy()
     defaced[:, 44:, 10:38] = 0.0  # a defacer that erases the face and no brain voxel
-    after = evaluate.tissue_volumes_ml(nib.Nifti1Image(defaced, img.affine), brain)
-    assert evaluate.percent_change(before, after) == pytest.approx(dict.fromkeys(before, 0.0))
+    after = metrics.tissue_volumes_ml(nib.Nifti1Image(defaced, img.affine), brain)
+    assert metrics.percent_change(before, after) == pytest.approx(dict.fromkeys(before, 0.0))
 
 
 @pytest.mark.slow
@@ -238,14 +242,14 @@ def test_independent_brain_mask_is_repeatable():
     change of the mask re-estimated on a defaced image comes from the defacing."""
     img = nib.load(HEADS_DIR / FACE_HEADS[2])
     first = shared_brain_mask(img, ATLAS_SOURCES_DIR)  # the session's, made in another test
-    assert np.array_equal(first, evaluate.independent_brain_mask(img, ATLAS_SOURCES_DIR))
+    assert np.array_equal(first, metrics.independent_brain_mask(img, ATLAS_SOURCES_DIR))
     assert 900 < first.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 < 2000  # mL
 
 
 def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     img, brain = _tissue_phantom()
-    evaluate.tissue_volumes_ml(img, brain)
+    metrics.tissue_volumes_ml(img, brain)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -253,7 +257,7 @@ def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
 def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     src = HEADS_DIR / FACE_HEADS[1]
     out = tmp_path / "pydeface.nii.gz"
-    assert evaluate_peers.main(["pydeface-ants", str(src), str(out)]) == 0
+    assert peers.main(["pydeface-ants", str(src), str(out)]) == 0
     img = nib.load(src)
     before, after = io.first_frame(img), io.first_frame(nib.load(out))
     # the face region of the atlas, mapped into the subject, lost most of its tissue
@@ -262,7 +266,7 @@ def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     # the brain (the atlas brain priors, dilated) is untouched
     atlas = load_atlas()
     brain = atlas.priors["gm"].get_fdata() + atlas.priors["wm"].get_fdata() > 0.5
-    matrix = evaluate.align_to_atlas(img)
+    matrix = metrics.align_to_atlas(img)
     brain_subj = (
         register.resample(
             brain.astype(np.float32),
@@ -273,7 +277,7 @@ def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
         )
         > 0.5
     )
-    assert evaluate.voxels_changed(before, after, brain_subj) == 0
+    assert metrics.voxels_changed(before, after, brain_subj) == 0
 
 
 @pytest.mark.slow
@@ -282,7 +286,7 @@ def test_pydeface_method_defaces_where_the_engine_would_refuse(tmp_path):
     1.23 < 1.3); pydeface has no such check, so its method defaces it all the same."""
     out = tmp_path / "pydeface.nii.gz"
     src = HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz"
-    assert evaluate_peers.main(["pydeface-ants", str(src), str(out)]) == 0
+    assert peers.main(["pydeface-ants", str(src), str(out)]) == 0
     img = nib.load(src)
     erased = (io.first_frame(img) > 0) & (io.first_frame(nib.load(out)) == 0)
     assert erased.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 > 50  # mL
@@ -304,7 +308,7 @@ def _session_defacer(method: str, head: Path, out: Path, brain_mask: Path) -> li
     assert method == "mideface" and command[0] == sys.executable
     assert command[1:] == [
         "-m",
-        "mideface_nipype.cli",
+        "mideface_nipype.cli.mideface",
         "--force",
         "--i",
         str(head),
@@ -330,7 +334,7 @@ def e2e(tmp_path_factory):
     heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(eval_cli, "defacer_command", _session_defacer)
-        patch.setattr(evaluate, "independent_brain_mask", shared_brain_mask)
+        patch.setattr(metrics, "independent_brain_mask", shared_brain_mask)
         assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -380,7 +384,7 @@ def test_e2e_rerun_reuses_cached_subjects(e2e, capsys):
 
 
 def test_sources_hold_the_independent_mask_templates():
-    for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE):
+    for name in (metrics.SSW_FILE, metrics.ICBM_BRAIN_FILE):
         assert (ATLAS_SOURCES_DIR / name).is_file()
 
 
@@ -397,7 +401,7 @@ def test_icp_attacker_realigns_moved_heads_and_tells_people_apart():
     for name in names:
         img = nib.load(HEADS_DIR / name)
         heads.append(
-            evaluate.skin_points(io.first_frame(img), img.affine, evaluate.align_to_atlas(img))
+            metrics.skin_points(io.first_frame(img), img.affine, metrics.align_to_atlas(img))
         )
     angle = np.deg2rad(4.0)
     motion = np.eye(4)
@@ -408,9 +412,9 @@ def test_icp_attacker_realigns_moved_heads_and_tells_people_apart():
     ]
     motion[:3, 3] = [3.0, -2.0, 4.0]
     moved = [tuple(register.apply_affine(motion, p) for p in pair) for pair in heads]
-    back = evaluate.rigid_icp(moved[0][0], heads[0][0])
+    back = metrics.rigid_icp(moved[0][0], heads[0][0])
     undone = back @ motion
     assert np.abs(undone[:3, :3] - np.eye(3)).max() < 0.01 and np.abs(undone[:3, 3]).max() < 0.5
-    corr = evaluate.icp_depth_correlations(moved, heads)
+    corr = metrics.icp_depth_correlations(moved, heads)
     assert np.all(np.diag(corr) > 0.97)
-    assert np.all(evaluate.rank_of_truth(-corr, np.arange(3)) == 1)
+    assert np.all(metrics.rank_of_truth(-corr, np.arange(3)) == 1)

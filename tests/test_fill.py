@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import FACE_HEADS, HEADS_DIR
 
-from mideface_nipype.fill import (
+from mideface_nipype.engine.fill import (
     CODE_TAG,
     DEFAULT_SEED,
     NBINS_MAX,

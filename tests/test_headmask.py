@@ -8,7 +8,7 @@ import pytest
 from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR
 from scipy import ndimage
 
-from mideface_nipype.headmask import (
+from mideface_nipype.engine.headmask import (
     MIN_HEAD_VOLUME_ML,
     THRESH1,
     NoHeadError,

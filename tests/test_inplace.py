@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from bids_data import thick_head
 
-from mideface_nipype import bids, fill, io
+from mideface_nipype.engine import fill
+from mideface_nipype.utils import bids, io
 
 #: Every test here runs the engine on real heads (or needs a run that does).
 pytestmark = pytest.mark.slow
@@ -52,7 +53,8 @@ os.umask(0o022)
 from nipype import config
 
 config.set("execution", "hash_method", "content")
-from mideface_nipype import bids_cli, io
+from mideface_nipype.cli.mideface import mideface_bids
+from mideface_nipype.utils import io
 
 kill_at = int(os.environ.get("KILL_AT", "0"))
 when = os.environ.get("KILL_WHEN", "after")

@@ -24,7 +24,10 @@ import numpy as np
 import pytest
 from conftest import HEADS_DIR
 
-from mideface_nipype import cli, eval_cli, fill, io, register
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.cli import mideface_eval as eval_cli
+from mideface_nipype.engine import fill, register
+from mideface_nipype.utils import io
 
 #: The real 2 mm head (IXI, uint8 with scl_slope, BIDS-named in the copies).
 HEAD = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
@@ -112,7 +115,7 @@ def head(tmp_path) -> Path:
 
 def umask_run(argv: list, mask: int, **kwargs) -> subprocess.Popen:
     """``mideface`` in a subprocess under ``umask mask``."""
-    cmd = [sys.executable, "-m", "mideface_nipype.cli", *map(str, argv)]
+    cmd = [sys.executable, "-m", "mideface_nipype.cli.mideface", *map(str, argv)]
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

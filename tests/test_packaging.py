@@ -29,7 +29,8 @@ def test_non_editable_install_ships_atlas(tmp_path):
         check=True,
     )
     code = (
-        "import mideface_nipype, pathlib; from mideface_nipype.atlas import load_atlas, atlas_dir;"
+        "import mideface_nipype, pathlib;"
+        "from mideface_nipype.engine.atlas import load_atlas, atlas_dir;"
         "from importlib import resources;"
         f"assert pathlib.Path(mideface_nipype.__file__).is_relative_to({str(target)!r});"
         "a = load_atlas(); assert a.surface.is_watertight and len(a.labels) == 8;"

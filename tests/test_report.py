@@ -13,7 +13,10 @@ import pytest
 from conftest import ALL_T1W_HEADS, HEADS_DIR, default_run
 from PIL import Image
 
-from mideface_nipype import __version__, cli, io, render, report
+from mideface_nipype import __version__
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.reports import render, report
+from mideface_nipype.utils import io
 
 #: Two full runs (shared with the session, see ``runcache``), name -> (head, options, sidecar):
 #: a 2 mm IXI head stored PSR, named the BIDS way, with a sidecar, and the RAS int16 sample head

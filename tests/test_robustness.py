@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype import cli, fill, headmask, io, register
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.cli import mideface as cli
+from mideface_nipype.engine import fill, headmask, register
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.utils import io
 
 #: Every test here runs the engine on real heads (or needs a run that does).
 pytestmark = pytest.mark.slow

@@ -91,7 +91,7 @@ def test_memoized_calls_once_and_fresh_registrations_restore_the_real_steps(own_
     assert np.array_equal(shared(np.ones(3)), [2, 2, 2]) and len(calls) == 1
     assert np.array_equal(shared(np.ones(3), factor=3), [3, 3, 3]) and len(calls) == 2
 
-    from mideface_nipype import register
+    from mideface_nipype.engine import register
 
     shared_steps = [getattr(register, name) for name in runcache.REGISTRATION_STEPS]
     with runcache.fresh_registrations():

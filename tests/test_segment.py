@@ -16,10 +16,10 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 from skimage.filters import threshold_multiotsu
 
-from mideface_nipype import headmask, io, register
-from mideface_nipype.atlas import CLASSES, load_atlas
-from mideface_nipype.exclusion import XMASK_DILATE_VOX
-from mideface_nipype.segment import (
+from mideface_nipype.engine import headmask, register
+from mideface_nipype.engine.atlas import CLASSES, load_atlas
+from mideface_nipype.engine.exclusion import XMASK_DILATE_VOX
+from mideface_nipype.engine.segment import (
     PROTECTED_CLASSES,
     SEG_LABELS,
     SEGMENT_MM,
@@ -29,6 +29,7 @@ from mideface_nipype.segment import (
     segment,
     voxel_volume_ml,
 )
+from mideface_nipype.utils import io
 
 IXI_HEADS = [name for name in FACE_HEADS if name.startswith("IXI")]
 DCMQA = "dcmqa-xa30_T1w_2mm.nii.gz"

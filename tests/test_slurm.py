@@ -21,7 +21,8 @@ import pytest
 from bids_data import RUN_OPTIONS, SUBJECTS, reference_run, run_cli, tree
 from conftest import FACE_HEADS, HEADS_DIR
 
-from mideface_nipype import bids_cli, io
+from mideface_nipype.cli import mideface_bids as bids_cli
+from mideface_nipype.utils import io
 
 ARRAY_RECIPE = Path(__file__).resolve().parents[1] / "workflows" / "run_dataset_slurm_array.py"
 #: The array test's dataset: one real T1w head per participant (four participants).

@@ -9,8 +9,8 @@ from nipype.pipeline import engine as pe
 from threadpoolctl import threadpool_info
 
 from mideface_nipype.interfaces._base import StepInputSpec, StepInterface
-from mideface_nipype.threads import limit_threads
-from mideface_nipype.workflows import init_mideface_wf
+from mideface_nipype.utils.threads import limit_threads
+from mideface_nipype.workflows.base import init_mideface_wf
 
 
 def _pool_threads() -> set[int]:

@@ -7,7 +7,7 @@
 For every head in ``../shared/data/heads`` (and, for the 1 mm 176x256x256 size class, the
 pydeface average head from ``../shared/data/atlas-sources``) it runs, as whole processes pinned
 to ``--cores`` CPUs (default one), ``mideface --i HEAD --odir TMP`` and the pydeface method
-(``python -m mideface_nipype.evaluate_peers pydeface-ants``), alternating, ``--repeat`` times
+(``python -m mideface_nipype.evaluation.peers pydeface-ants``), alternating, ``--repeat`` times
 each. It reports the median wall and CPU seconds, the peak resident memory, the ratio
 ours/peer and the per-step seconds from ``stats.json``. Machines are noisy: run it on an idle
 machine, and compare ratios and medians, not single runs.
@@ -64,7 +64,7 @@ def run_process(cmd: list[str], cores: int) -> tuple[float, float, float]:
 
 
 def ours_cmd(head: Path, out_dir: str, extra: list[str]) -> list[str]:
-    cli = [sys.executable, "-m", "mideface_nipype.cli"]
+    cli = [sys.executable, "-m", "mideface_nipype.cli.mideface"]
     return [*cli, "--i", str(head), "--odir", out_dir, *extra]
 
 
@@ -108,7 +108,7 @@ def side_by_side(heads: list[Path], extra: list[str]) -> list[str]:
 def peer(head: Path, cores: int) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "defaced.nii.gz")
-        cmd = [sys.executable, "-m", "mideface_nipype.evaluate_peers", "pydeface-ants"]
+        cmd = [sys.executable, "-m", "mideface_nipype.evaluation.peers", "pydeface-ants"]
         return run_process([*cmd, str(head), out], cores)
 
 

@@ -29,7 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype import headmask, io, register
+from mideface_nipype.engine import headmask, register
+from mideface_nipype.utils import io
 
 HEADS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "heads"
 #: Turn of the second contrast in the scanner (degrees about x), so coregistration has work.
@@ -69,7 +70,7 @@ def run_once(bids_dir: Path, tmp: Path, plugin: list[str], extra: list[str]) -> 
     out, work = tmp / "out", tmp / "work"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mideface_nipype.bids_cli", str(bids_dir), str(out)]
+    cmd = [sys.executable, "-m", "mideface_nipype.cli.mideface_bids", str(bids_dir), str(out)]
     cmd += ["participant", *plugin, "-w", str(work), *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

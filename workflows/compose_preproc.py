@@ -25,7 +25,7 @@ from pathlib import Path
 from nipype.interfaces.utility import Function, IdentityInterface
 from nipype.pipeline import engine as pe
 
-from mideface_nipype.workflows import init_mideface_wf
+from mideface_nipype.workflows.base import init_mideface_wf
 
 #: What the recipe keeps, from ``outputnode``.
 OUTPUTS = ("defaced", "face_mask", "brain", "brain_mask")
@@ -52,7 +52,8 @@ def extract_brain(in_file: str, subject_to_atlas: str) -> tuple[str, str]:
     import nibabel as nib
     import numpy as np
 
-    from mideface_nipype import atlas, exclusion, io, segment
+    from mideface_nipype.engine import atlas, exclusion, segment
+    from mideface_nipype.utils import io
 
     img = nib.load(in_file)
     priors = exclusion.warp_priors(
@@ -123,7 +124,7 @@ def init_preproc_wf(*, name: str = "preproc_wf") -> pe.Workflow:
 
 def publish(out_dir: str, defaced: str, face_mask: str, brain: str, brain_mask: str) -> list:
     """Copy the results to ``out_dir`` (each file complete or absent: temp + rename)."""
-    from mideface_nipype.io import copy_atomic
+    from mideface_nipype.utils.io import copy_atomic
 
     files = {"defaced": defaced, "face_mask": face_mask, "brain": brain, "brain_mask": brain_mask}
     return [str(copy_atomic(path, f"{out_dir}/{key}.nii.gz")) for key, path in files.items()]

@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from mideface_nipype.workflows import init_mideface_wf, workflow_outputs
+from mideface_nipype.workflows.base import init_mideface_wf, workflow_outputs
 
 
 def main() -> None:

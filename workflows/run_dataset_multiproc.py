@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mideface_nipype import bids
-from mideface_nipype.bids_workflows import init_bids_wf
+from mideface_nipype.utils import bids
+from mideface_nipype.workflows.bids import init_bids_wf
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mideface_nipype import bids
-from mideface_nipype.bids_cli import plugin_settings, wait_for_slurm_jobs
-from mideface_nipype.bids_workflows import init_bids_wf
+from mideface_nipype.cli.mideface_bids import plugin_settings, wait_for_slurm_jobs
+from mideface_nipype.utils import bids
+from mideface_nipype.workflows.bids import init_bids_wf
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mideface_nipype import bids
-from mideface_nipype.bids_cli import array_participants
+from mideface_nipype.cli.mideface_bids import array_participants
+from mideface_nipype.utils import bids
 
 SCRIPT_NAME = "mideface_array.sbatch"
 
@@ -41,7 +41,13 @@ def batch_script(
     plugin = (
         ["--plugin", "Linear"] if cpus == 1 else ["--plugin", "MultiProc", "--nprocs", str(cpus)]
     )
-    command = [sys.executable, "-m", "mideface_nipype.bids_cli", str(bids_dir), str(output_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "mideface_nipype.cli.mideface_bids",
+        str(bids_dir),
+        str(output_dir),
+    ]
     command += ["participant", *plugin, *options]
     return "\n".join(
         [

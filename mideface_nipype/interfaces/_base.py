@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, traits
 
-from mideface_nipype.threads import limit_threads
+from mideface_nipype.utils.threads import limit_threads
 
 LOGGER = logging.getLogger("mideface")
 

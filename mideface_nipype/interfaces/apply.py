@@ -12,7 +12,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype import apply, fill, headmask, io, register
+from mideface_nipype.engine import apply, fill, headmask, register
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -24,6 +24,7 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _CoregisterInputSpec(StepInputSpec):

@@ -11,8 +11,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype import bids, fill
+from mideface_nipype.engine import fill
 from mideface_nipype.interfaces._base import StepInputSpec, StepInterface
+from mideface_nipype.utils import bids
 
 
 class _WriteDerivativesInputSpec(StepInputSpec):

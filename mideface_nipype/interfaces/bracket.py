@@ -6,8 +6,9 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
-from mideface_nipype import bracket
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.engine import bracket
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.engine.register import apply_affine
 from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
@@ -18,7 +19,6 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
-from mideface_nipype.register import apply_affine
 
 
 class _BracketInputSpec(SubjectGridInputSpec):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from nipype.interfaces.base import File, TraitedSpec, traits
 
-from mideface_nipype import exclusion
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.engine import exclusion
+from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,

@@ -12,7 +12,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype import fill, io
+from mideface_nipype.engine import fill
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -20,6 +20,7 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _DefaceInputSpec(StepInputSpec):

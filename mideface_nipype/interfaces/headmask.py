@@ -10,7 +10,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype import headmask, io
+from mideface_nipype.engine import headmask
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -18,6 +18,7 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _HeadMaskInputSpec(StepInputSpec):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
-from mideface_nipype import io, register
-from mideface_nipype.atlas import LABEL_FILE, SURFACE_FILE, load_atlas, save_surface
+from mideface_nipype.engine import register
+from mideface_nipype.engine.atlas import LABEL_FILE, SURFACE_FILE, load_atlas, save_surface
 from mideface_nipype.interfaces._base import (
     AtlasInputSpec,
     StepInterface,
@@ -19,6 +19,7 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _RegisterAtlasInputSpec(AtlasInputSpec):

@@ -15,7 +15,6 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype import io, report
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -24,7 +23,9 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
-from mideface_nipype.qa import save_png
+from mideface_nipype.reports import report
+from mideface_nipype.reports.slices import save_png
+from mideface_nipype.utils import io
 
 
 class _PicsInputSpec(StepInputSpec):

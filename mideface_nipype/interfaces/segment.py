@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
-from mideface_nipype import exclusion, io, qa, segment
-from mideface_nipype.atlas import CLASSES, load_atlas
+from mideface_nipype.engine import exclusion, segment
+from mideface_nipype.engine.atlas import CLASSES, load_atlas
 from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
@@ -18,6 +18,8 @@ from mideface_nipype.interfaces._base import (
     step,
     write_json,
 )
+from mideface_nipype.reports.slices import label_slices, save_png
+from mideface_nipype.utils import io
 
 #: QA pictures are enlarged to at least this height (pixels).
 QA_MIN_HEIGHT_PX = 360
@@ -70,11 +72,9 @@ class Segment(StepInterface):
         self._results["out_posteriors"] = out_path(runtime, "posteriors.nii.gz")
         nib.save(post, self._results["out_posteriors"])
         self._results["out_file"] = save_mask(xmask, img.affine, runtime, "exclusion_mask.nii.gz")
-        picture = qa.label_slices(data, seg.labels, img.affine)
+        picture = label_slices(data, seg.labels, img.affine)
         zoom = max(1, int(np.ceil(QA_MIN_HEIGHT_PX / picture.shape[0])))
         picture = np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)
-        self._results["out_report"] = str(
-            qa.save_png(picture, out_path(runtime, "segmentation.png"))
-        )
+        self._results["out_report"] = str(save_png(picture, out_path(runtime, "segmentation.png")))
         self._results["out_stats"] = write_json(record, out_path(runtime, "exclusion.json"))
         return runtime

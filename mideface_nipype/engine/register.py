@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype.threads import pin_itk_threads
+from mideface_nipype.utils.threads import pin_itk_threads
 
 LOGGER = logging.getLogger(__name__)
 

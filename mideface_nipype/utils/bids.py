@@ -34,7 +34,11 @@ from pathlib import Path
 
 import nibabel as nib
 
-from mideface_nipype import __version__, fill, io, qa, report
+from mideface_nipype import __version__
+from mideface_nipype.engine import fill
+from mideface_nipype.reports import report
+from mideface_nipype.reports.slices import LABEL_COLOURS, LABEL_NAMES
+from mideface_nipype.utils import io
 
 LOGGER = logging.getLogger("mideface")
 
@@ -1110,7 +1114,7 @@ def subject_report_html(output_dir: str | Path, subject: str) -> str:
             if picture.is_file():
                 legend = ""
                 if name == SEGMENTATION_PICTURE:
-                    legend = _swatches(qa.LABEL_NAMES[1:], qa.LABEL_COLOURS[1:])
+                    legend = _swatches(LABEL_NAMES[1:], LABEL_COLOURS[1:])
                 elif name == "slices.png":
                     legend = _swatches(
                         tuple(row[1] for row in FACE_LABELS[1:]), report.COMPARTMENT_RGB

@@ -13,7 +13,7 @@
 
 Run as a whole process by the harness::
 
-    python -m mideface_nipype.evaluate_peers {quickshear,pydeface-ants} IN OUT [--brain-mask MASK]
+    python -m mideface_nipype.evaluation.peers {quickshear,pydeface-ants} IN OUT [--brain-mask MASK]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mideface_nipype import headmask, io, register
+from mideface_nipype.engine import headmask, register
+from mideface_nipype.utils import io
 
 PEERS = ("quickshear", "pydeface-ants")
 #: quickshear's default distance (voxels) between the shearing plane and the brain.

@@ -3,7 +3,7 @@
 MiDeFace's ``--pics`` renders the head surface with freeview under a virtual X display, in the
 atlas pose, and ``mris_diff --min-dist`` measures where the defaced head surface still coincides
 with the original one (``dist-to-face``). Here the skin surfaces and renders come from
-:mod:`mideface_nipype.render` (no display, no OpenGL) and the distances from exact
+:mod:`mideface_nipype.reports.render` (no display, no OpenGL) and the distances from exact
 point-to-triangle distances; the report is one self-contained HTML file (pictures embedded) that
 opens offline.
 """
@@ -26,8 +26,10 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from mideface_nipype import __version__, io, render
-from mideface_nipype.register import apply_affine
+from mideface_nipype import __version__
+from mideface_nipype.engine.register import apply_affine
+from mideface_nipype.reports import render
+from mideface_nipype.utils import io
 
 #: Grid (mm) the skin surfaces are built on: finer heads are resampled, which keeps ``--pics`` to
 #: seconds (a 0.9 mm head gives 1.2 M triangles, 0.4 M at 1.5 mm) and still shows nose and lips.

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from mideface_nipype.bids import Session
-from mideface_nipype.exclusion import DEFAULT_XMASK_SOURCE
-from mideface_nipype.fill import DEFAULT_SEED
+from mideface_nipype.engine.exclusion import DEFAULT_XMASK_SOURCE
+from mideface_nipype.engine.fill import DEFAULT_SEED
 from mideface_nipype.interfaces.bids import WriteDerivatives
-from mideface_nipype.workflows import init_mideface_wf
+from mideface_nipype.utils.bids import Session
+from mideface_nipype.workflows.base import init_mideface_wf
 
 
 def init_session_wf(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from mideface_nipype import fill
-from mideface_nipype.register import resample
+from mideface_nipype.engine import fill
+from mideface_nipype.engine.register import resample
 
 #: Extra voxels of protection around the carried exclusion mask (registration error).
 XMASK_MARGIN_VOX = 1

@@ -51,8 +51,9 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import fill, io
-    from mideface_nipype.cli import _number, _Parser
+    from mideface_nipype.cli.mideface import _number, _Parser
+    from mideface_nipype.engine import fill
+    from mideface_nipype.utils import io
 
     p = _Parser(
         prog="mideface-bids",
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
     """The options of ``mideface`` that a dataset run passes to every session's engine, and
     the selection of images (``--bids-filter-file``)."""
-    from mideface_nipype import bracket, fill
-    from mideface_nipype.cli import _number
+    from mideface_nipype.cli.mideface import _number
+    from mideface_nipype.engine import bracket, fill
 
     p.add_argument(
         "--bids-filter-file",
@@ -213,7 +214,7 @@ def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
 
 def engine_options(args) -> dict:
     """``init_bids_wf`` keywords from the command line (``mideface``'s rules)."""
-    from mideface_nipype import io
+    from mideface_nipype.utils import io
 
     options = {
         "seed": args.seed,
@@ -246,7 +247,7 @@ def engine_options(args) -> dict:
 def session_inputs(args, sessions) -> dict[str, dict]:
     """Each session's own files (``--xmask``, ``--init-reg``) as ``init_bids_wf`` keywords;
     ``InputError`` naming the first that is missing or unreadable."""
-    from mideface_nipype import bids
+    from mideface_nipype.utils import bids
 
     found = {}
     if args.xmask:
@@ -258,7 +259,7 @@ def session_inputs(args, sessions) -> dict[str, dict]:
 
 def build_workflow(args, sessions, bids_dir: Path, output_dir: Path, inputs: dict | None = None):
     """The dataset's graph for the command line ``args`` (``inputs``: ``session_inputs``)."""
-    from mideface_nipype.bids_workflows import init_bids_wf
+    from mideface_nipype.workflows.bids import init_bids_wf
 
     return init_bids_wf(
         sessions,
@@ -289,7 +290,7 @@ def _setup_logging(work_dir: Path, verbose: bool) -> None:
 
 def plugin_settings(plugin: str, plugin_args_json: str, nprocs: int) -> tuple[dict, str | None]:
     """(plugin_args, the SLURM comment that tags this run's SLURMGraph jobs, else None)."""
-    from mideface_nipype.io import InputError
+    from mideface_nipype.utils.io import InputError
 
     try:
         plugin_args = json.loads(plugin_args_json)
@@ -331,7 +332,7 @@ def wait_for_slurm_jobs(tag: str, poll_s: float = SLURM_POLL_S) -> None:
 
 def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
     """{node hierarchy: one-line reason} from Nipype's text crash files written since ``since``."""
-    from mideface_nipype.cli import _error_line
+    from mideface_nipype.cli.mideface import _error_line
 
     reasons = {}
     for crash in crash_dir.glob("crash-*.txt"):
@@ -346,7 +347,7 @@ def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
 
 def array_participants(bids_dir: Path, bids_filter_file: Path | None = None) -> list[str]:
     """The participants with a T1w to deface, sorted: what SLURM array task indices count."""
-    from mideface_nipype import bids
+    from mideface_nipype.utils import bids
 
     filters = bids.load_filters(bids_filter_file) if bids_filter_file else None
     return sorted({session.subject for session in bids.discover(bids_dir, None, filters)})
@@ -359,7 +360,7 @@ def slurm_array_task(args, bids_dir: Path, output_dir: Path) -> tuple[list[str] 
     defaces the i-th of ``array_participants``. The tasks of an array write one derivative
     dataset side by side, so each locks only its participants' folders, not the whole output.
     """
-    from mideface_nipype import io
+    from mideface_nipype.utils import io
 
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
@@ -379,7 +380,7 @@ def slurm_array_task(args, bids_dir: Path, output_dir: Path) -> tuple[list[str] 
 
 
 def run(args) -> int:
-    from mideface_nipype import io
+    from mideface_nipype.utils import io
 
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
     work_dir = args.work_dir.resolve()
@@ -399,7 +400,7 @@ def run(args) -> int:
 
 
 def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
-    from mideface_nipype import bids
+    from mideface_nipype.utils import bids
 
     _setup_logging(work_dir, args.verbose)
     filters = bids.load_filters(args.bids_filter_file) if args.bids_filter_file else None
@@ -460,7 +461,7 @@ def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
 def write_subject_reports(output_dir: Path, subjects: list[str]) -> None:
     """``sub-<label>.html`` of each subject, from what its sessions published (this run's or
     an earlier one's)."""
-    from mideface_nipype import bids
+    from mideface_nipype.utils import bids
 
     for subject in subjects:
         bids.write_subject_report(output_dir, subject)
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mideface-bids: interrupted; rerun to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - one clear line for any failure
-        from mideface_nipype.cli import _error_line
+        from mideface_nipype.cli.mideface import _error_line
 
         print(f"mideface-bids: error: {_error_line(err)}", file=sys.stderr)
         return 1

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mideface_nipype import __version__, audit, io
-from mideface_nipype.qa import save_png
-from mideface_nipype.report import STYLE
-from mideface_nipype.threads import pin_itk_threads
+from mideface_nipype import __version__
+from mideface_nipype.evaluation import audit
+from mideface_nipype.reports.report import STYLE
+from mideface_nipype.reports.slices import save_png
+from mideface_nipype.utils import io
+from mideface_nipype.utils.threads import pin_itk_threads
 
 #: Exit codes: no face in view, at least one image flagged, usage error or unreadable input.
 EXIT_CLEAN, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2

@@ -73,7 +73,8 @@ def _number(kind: type, low: float, *, inclusive: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype import bracket, exclusion, fill, io
+    from mideface_nipype.engine import bracket, exclusion, fill
+    from mideface_nipype.utils import io
 
     p = _Parser(
         prog="mideface",
@@ -305,7 +306,7 @@ def _error_line(err: BaseException) -> str:
 
 def _defaced_name(path: str) -> str:
     """``sub-01_T2w.nii.gz`` -> ``sub-01_T2w_defaced.nii.gz`` (the --apply-to name rule)."""
-    from mideface_nipype.io import split_suffix
+    from mideface_nipype.utils.io import split_suffix
 
     stem, suffix = split_suffix(Path(path).name)
     return f"{stem}_defaced{suffix}"
@@ -313,7 +314,7 @@ def _defaced_name(path: str) -> str:
 
 def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
     """(defaced volume, output folder or None, volume suffix); refuses an unusable ``--o``."""
-    from mideface_nipype.io import OutputError, split_suffix
+    from mideface_nipype.utils.io import OutputError, split_suffix
 
     _, in_suffix = split_suffix(in_file)
     suffix = FORMATS[args.fmt] if args.fmt else in_suffix
@@ -336,7 +337,7 @@ def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
 
 def _planned_outputs(args, in_file: Path, out: Path, odir: Path | None, suffix: str) -> list:
     """Every file the run will write, to check before any work."""
-    from mideface_nipype import report
+    from mideface_nipype.reports import report
 
     planned = [out] + ([Path(args.facemask)] if args.facemask else [])
     planned += [out.parent / _defaced_name(o) for o in args.apply_to]
@@ -354,7 +355,7 @@ def _planned_outputs(args, in_file: Path, out: Path, odir: Path | None, suffix: 
 
 def _sidecar_pairs(args, in_file: Path, out: Path) -> list[tuple[Path, Path]]:
     """(source, defaced) of the BIDS-named inputs, which get a JSON sidecar."""
-    from mideface_nipype import report
+    from mideface_nipype.reports import report
 
     pairs = [(in_file, out)] + [(Path(o), out.parent / _defaced_name(o)) for o in args.apply_to]
     return [(source, defaced) for source, defaced in pairs if report.is_bids_name(source)]
@@ -368,7 +369,8 @@ def _options(args) -> dict:
 def _validate_inputs(args) -> list[Path]:
     """Read every input's header and data now (size first), so a bad one is refused before any
     work; return every file the run reads."""
-    from mideface_nipype import io, report
+    from mideface_nipype.reports import report
+    from mideface_nipype.utils import io
 
     volumes = [Path(args.i), *map(Path, args.apply_to)]
     img = io.load_volume(volumes[0], max_gb=args.max_gb)
@@ -396,7 +398,8 @@ def _validate_inputs(args) -> list[Path]:
 
 def run_check(args) -> int:
     """FreeSurfer's ``--check VOL [OUTFILE]``: print (and write) 1 if VOL carries the code."""
-    from mideface_nipype import fill, io
+    from mideface_nipype.engine import fill
+    from mideface_nipype.utils import io
 
     if len(args.check) > 2:
         raise io.InputError(
@@ -422,7 +425,9 @@ def run_apply(args) -> int:
     """FreeSurfer's ``--apply VOL FACEMASK REG OUT``."""
     import numpy as np
 
-    from mideface_nipype import apply, io, register, report
+    from mideface_nipype.engine import apply, register
+    from mideface_nipype.reports import report
+    from mideface_nipype.utils import io
 
     vol, facemask, out = Path(args.apply[0]), Path(args.apply[1]), Path(args.apply[3])
     reg = args.apply[2]
@@ -476,7 +481,7 @@ def run_apply(args) -> int:
 
 def _run_workflow(args, in_file: Path, work: Path) -> dict:
     """Run the defacing graph (the one ``mideface_nipype.deface`` runs) in ``work``."""
-    from mideface_nipype.workflows import run_mideface_wf
+    from mideface_nipype.workflows.base import run_mideface_wf
 
     fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
     ripple = {}
@@ -506,7 +511,7 @@ def _run_workflow(args, in_file: Path, work: Path) -> dict:
 
 def _publish_outputs(publisher, args, outputs: dict, in_file: Path, out, odir, suffix) -> None:
     """Every file of the run, through ``publisher``; the ``--odir`` files appear together."""
-    from mideface_nipype import report
+    from mideface_nipype.reports import report
 
     with publisher.staged(odir):
         publisher.copy(outputs["out_file"], out)
@@ -536,7 +541,7 @@ def _publish_outputs(publisher, args, outputs: dict, in_file: Path, out, odir, s
 
 
 def run(args) -> int:
-    from mideface_nipype import io
+    from mideface_nipype.utils import io
 
     in_file = Path(args.i)
     out, odir, suffix = _resolve_outputs(args, in_file)

@@ -24,8 +24,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mideface_nipype import evaluate, io
-from mideface_nipype.evaluate_peers import PEERS
+from mideface_nipype.evaluation import metrics
+from mideface_nipype.evaluation.peers import PEERS
+from mideface_nipype.utils import io
 
 METHODS = ("mideface", *PEERS)
 #: The defaced image and the refacing attacks on it.
@@ -37,17 +38,17 @@ METHOD_NOTES = {
     "pydeface-ants": "pydeface 2.1 method: its template + face mask, ANTs affine (no FSL here)",
 }
 #: Key of the gallery view in the per-head arrays.
-GALLERY_KEY = f"{evaluate.GALLERY_YAW_DEG:g}"
+GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
-DEFAULT_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlas-sources"
+DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
 
 def defacer_command(method: str, head: Path, out: Path, brain_mask: Path) -> list[str]:
     """The whole process that defaces ``head`` into ``out`` with ``method``."""
     if method == "mideface":
-        cli = [sys.executable, "-m", "mideface_nipype.cli", "--force"]
+        cli = [sys.executable, "-m", "mideface_nipype.cli.mideface", "--force"]
         return [*cli, "--i", str(head), "--o", str(out)]
-    cmd = [sys.executable, "-m", "mideface_nipype.evaluate_peers", method, str(head), str(out)]
+    cmd = [sys.executable, "-m", "mideface_nipype.evaluation.peers", method, str(head), str(out)]
     return [*cmd, "--brain-mask", str(brain_mask)] if method == "quickshear" else cmd
 
 
@@ -71,7 +72,7 @@ def _faces(views: dict) -> dict:
     """Descriptors, detection flags and detector scores of renders, keyed by yaw."""
     out = {}
     for yaw, rend in views.items():
-        face = evaluate.describe_face(rend.rgb(), evaluate.face_region(yaw))
+        face = metrics.describe_face(rend.rgb(), metrics.face_region(yaw))
         out[yaw] = (face.descriptor, face.detected, face.score)
     return out
 
@@ -104,46 +105,46 @@ def evaluate_head(
     it before each defacer runs."""
     img = io.load_volume(head)
     data = io.first_frame(img)
-    to_atlas = evaluate.align_to_atlas(img)
-    brain = evaluate.independent_brain_mask(img, sources)
+    to_atlas = metrics.align_to_atlas(img)
+    brain = metrics.independent_brain_mask(img, sources)
     files = head_outputs(head, out_dir, methods)
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
-    views = evaluate.render_views(data, img.affine, to_atlas)
-    arrays = _pack("intact", _faces(views), views[evaluate.GALLERY_YAW_DEG].depth)
-    arrays.update(_pack_skin("intact", evaluate.skin_points(data, img.affine, to_atlas)))
+    views = metrics.render_views(data, img.affine, to_atlas)
+    arrays = _pack("intact", _faces(views), views[metrics.GALLERY_YAW_DEG].depth)
+    arrays.update(_pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas)))
     record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "methods": {}}
-    before = evaluate.tissue_volumes_ml(img, brain) if tissue else None
+    before = metrics.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
     for method in methods:
         out = publisher.check(files[method])
         entry: dict = {}
         record["methods"][method] = entry
         try:
-            wall, peak_gb = evaluate.run_measured(defacer_command(method, head, out, brain_file))
+            wall, peak_gb = metrics.run_measured(defacer_command(method, head, out, brain_file))
         except RuntimeError as err:
             entry["error"] = str(err)
             continue
         entry.update(seconds=wall, peak_gb=peak_gb)
         dimg = nib.load(out)
         ddata = io.first_frame(dimg)
-        entry["brain_voxels_changed"] = evaluate.voxels_changed(data, ddata, brain)
-        entry["voxels_changed"] = evaluate.voxels_changed(data, ddata, np.ones_like(brain))
+        entry["brain_voxels_changed"] = metrics.voxels_changed(data, ddata, brain)
+        entry["voxels_changed"] = metrics.voxels_changed(data, ddata, np.ones_like(brain))
         if tissue:
-            entry["tissue_ml"] = evaluate.tissue_volumes_ml(dimg, brain)
-            entry["tissue_change_pct"] = evaluate.percent_change(before, entry["tissue_ml"])
+            entry["tissue_ml"] = metrics.tissue_volumes_ml(dimg, brain)
+            entry["tissue_change_pct"] = metrics.percent_change(before, entry["tissue_ml"])
             # the eICV analog: the whole brain-mask pipeline again, on the defaced image
-            entry["brain_ml"] = _ml(evaluate.independent_brain_mask(dimg, sources), dimg)
-            entry["brain_ml_change_pct"] = evaluate.percent_change(
+            entry["brain_ml"] = _ml(metrics.independent_brain_mask(dimg, sources), dimg)
+            entry["brain_ml_change_pct"] = metrics.percent_change(
                 {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
             )["brain"]
         arrays.update(
-            _pack_skin(f"{method}/defaced", evaluate.skin_points(ddata, dimg.affine, to_atlas))
+            _pack_skin(f"{method}/defaced", metrics.skin_points(ddata, dimg.affine, to_atlas))
         )
-        volumes = {"defaced": ddata, **evaluate.refacing_attacks(ddata, dimg.affine)}
+        volumes = {"defaced": ddata, **metrics.refacing_attacks(ddata, dimg.affine)}
         for variant in VARIANTS:
-            vviews = evaluate.render_views(volumes[variant], dimg.affine, to_atlas)
+            vviews = metrics.render_views(volumes[variant], dimg.affine, to_atlas)
             arrays.update(
-                _pack(f"{method}/{variant}", _faces(vviews), vviews[evaluate.GALLERY_YAW_DEG].depth)
+                _pack(f"{method}/{variant}", _faces(vviews), vviews[metrics.GALLERY_YAW_DEG].depth)
             )
     return record, arrays
 
@@ -173,7 +174,7 @@ def identification(arrays: list[dict], prefix: str, yaws) -> dict:
     desc, truth, detected = _probes(arrays, prefix, yaws)
     if len(truth) == 0:
         return {"probes": 0}
-    ranks = evaluate.rank_of_truth(evaluate.descriptor_distances(desc, gallery), truth)
+    ranks = metrics.rank_of_truth(metrics.descriptor_distances(desc, gallery), truth)
     per_person = np.bincount(truth[ranks == 1], minlength=len(arrays))
     return {
         "probes": int(len(truth)),
@@ -188,18 +189,18 @@ def identification(arrays: list[dict], prefix: str, yaws) -> dict:
 
 def depth_measures(arrays: list[dict], prefix: str) -> dict:
     """Face-region depth correlation with the own original, and depth-map rank-1 identification."""
-    region = evaluate.face_region(evaluate.GALLERY_YAW_DEG)
+    region = metrics.face_region(metrics.GALLERY_YAW_DEG)
     intact = [a["intact/depth"] for a in arrays]
     have = [i for i, a in enumerate(arrays) if f"{prefix}/depth" in a]
     if not have:
         return {}
     corr = np.array(
         [
-            [evaluate.depth_correlation(arrays[i][f"{prefix}/depth"], g, region) for g in intact]
+            [metrics.depth_correlation(arrays[i][f"{prefix}/depth"], g, region) for g in intact]
             for i in have
         ]
     )
-    ranks = evaluate.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
+    ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
     return {
         "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
         "rank1": int(np.count_nonzero(ranks == 1)),
@@ -216,8 +217,8 @@ def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
         return {}
     gallery = [(a["intact/skin_rest"], a["intact/skin_face"]) for a in arrays]
     probes = [(arrays[i][f"{prefix}/skin_rest"], arrays[i][f"{prefix}/skin_face"]) for i in have]
-    corr = evaluate.icp_depth_correlations(probes, gallery)
-    ranks = evaluate.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
+    corr = metrics.icp_depth_correlations(probes, gallery)
+    ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
     out = {
         "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
         "rank1": int(np.count_nonzero(ranks == 1)),
@@ -225,17 +226,17 @@ def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
     }
     if prefix == "intact":
         return out
-    between = evaluate.icp_depth_correlations(gallery, gallery)
+    between = metrics.icp_depth_correlations(gallery, gallery)
     out["between_r"] = between[~np.eye(len(gallery), dtype=bool)].tolist()
     return out
 
 
 def between_people_r(arrays: list[dict]) -> list[float]:
     """Face-region depth correlation of intact frontal renders of different people."""
-    region = evaluate.face_region(evaluate.GALLERY_YAW_DEG)
+    region = metrics.face_region(metrics.GALLERY_YAW_DEG)
     intact = [a["intact/depth"] for a in arrays]
     return [
-        evaluate.depth_correlation(intact[i], intact[j], region)
+        metrics.depth_correlation(intact[i], intact[j], region)
         for i in range(len(intact))
         for j in range(i + 1, len(intact))
     ]
@@ -253,7 +254,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
         "heads": [r["head"] for r in records],
         "face_heads": [records[i]["head"] for i in with_face],
         "chance_rank1": 1.0 / max(len(faces), 1),
-        "control": identification(faces, "intact", evaluate.CONTROL_YAWS_DEG),
+        "control": identification(faces, "intact", metrics.CONTROL_YAWS_DEG),
         "between_people_r": between_people_r(faces),
         "methods": {},
     }
@@ -268,7 +269,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
             ]
         }
         for variant in VARIANTS:
-            row[variant] = identification(faces, f"{method}/{variant}", evaluate.PROBE_YAWS_DEG)
+            row[variant] = identification(faces, f"{method}/{variant}", metrics.PROBE_YAWS_DEG)
         row["depth"] = depth_measures(faces, f"{method}/defaced")
         row["icp_depth"] = icp_depth_measures(faces, f"{method}/defaced")
         if ok:
@@ -285,7 +286,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
                     100.0 * abs(e["tissue_ml"][k] - r["tissue_ml"][k]) / r["brain_ml"]
                     for r, e in zip(records, entries, strict=True)
                     if "tissue_ml" in e
-                    for k in evaluate.TISSUES
+                    for k in metrics.TISSUES
                 )
             brain_changes = [e["brain_ml_change_pct"] for e in ok if "brain_ml_change_pct" in e]
             if brain_changes:
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     heads = [p for h in args.heads for p in (sorted(h.glob("*.nii*")) if h.is_dir() else [h])]
     methods = tuple(args.methods)
-    sources = [args.sources / name for name in (evaluate.SSW_FILE, evaluate.ICBM_BRAIN_FILE)]
+    sources = [args.sources / name for name in (metrics.SSW_FILE, metrics.ICBM_BRAIN_FILE)]
     # the per-subject files are a cache that a rerun reuses or replaces (force), so they stay
     # when a later head fails; results.json and .md appear only from a complete run
     cache = io.Publisher([*heads, *sources], force=True)

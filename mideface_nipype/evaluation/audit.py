@@ -1,7 +1,7 @@
 """Which images of a dataset still show a face, whichever tool (or none) defaced them.
 
 An image is judged the way an attacker would look at it: its skin surface is rendered in the
-atlas pose from the front and from +-30 deg (``evaluate.render_views``, the privacy evaluation's
+atlas pose from the front and from +-30 deg (``metrics.render_views``, the privacy evaluation's
 renderer and light) and dlib's face detector and 68 landmarks look for a face. The atlas face
 (lower and upper face, nose, eyes) mapped into the image through the engine's atlas registration
 says where the face should be, so an image without a detectable face can be told apart:
@@ -33,11 +33,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mideface_nipype import evaluate, fill, headmask, io, register, render
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.engine import fill, headmask, register
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.evaluation import metrics
+from mideface_nipype.reports import render
+from mideface_nipype.utils import io
 
 #: Views rendered and searched for a face (yaw, deg): the evaluation's probe views.
-YAWS_DEG = evaluate.PROBE_YAWS_DEG
+YAWS_DEG = metrics.PROBE_YAWS_DEG
 #: Views with a valid face detection needed to flag an image.
 MIN_VIEWS = 2
 #: A face must be wider than this (mm): smaller boxes are texture, not a head-sized face.
@@ -166,7 +169,7 @@ def face_coverage(
     one). NaN when less than half of the nose is inside the box.
     """
     to_vox = np.linalg.inv(affine)
-    face = register.apply_affine(to_vox, atlas_vertices_mm(to_atlas, evaluate.FACE_LABELS))
+    face = register.apply_affine(to_vox, atlas_vertices_mm(to_atlas, metrics.FACE_LABELS))
     nose = register.apply_affine(to_vox, atlas_vertices_mm(to_atlas, ("nose",)))
     face_in_box = float(_in_box(face, data.shape).mean())
     inside = _in_box(nose, data.shape)
@@ -186,16 +189,16 @@ def detect_face(picture: np.ndarray, yaw_deg: float) -> Detection:
     lie on the atlas face region of the view and brows, eyes, nose and mouth come in that order
     from the top: a face where the face is, upright, not texture elsewhere on the head.
     """
-    detector, predictor, _ = evaluate.dlib_models()
+    detector, predictor, _ = metrics.dlib_models()
     picture = np.ascontiguousarray(picture, dtype=np.uint8)
-    boxes, scores, _ = detector.run(picture, evaluate.HOG_UPSAMPLE, evaluate.HOG_MIN_SCORE)
+    boxes, scores, _ = detector.run(picture, metrics.HOG_UPSAMPLE, metrics.HOG_MIN_SCORE)
     if not boxes:
         return Detection(yaw_deg, float("nan"), 0.0, 0.0, False)
     best = int(np.argmax(scores))
     box = boxes[best]
     shape = predictor(picture, box)
     points = np.array([(p.x, p.y) for p in shape.parts()])  # (68, 2): column, row
-    region = evaluate.face_region(yaw_deg)
+    region = metrics.face_region(yaw_deg)
     cols = np.clip(points[:, 0], 0, region.shape[1] - 1)
     rows = np.clip(points[:, 1], 0, region.shape[0] - 1)
     on_face = float(region[rows[INNER], cols[INNER]].mean())
@@ -233,7 +236,7 @@ def audit_image(img: nib.spatialimages.SpatialImage, path: str = "") -> AuditRes
     to_atlas, dice = subject_to_atlas(data, img.affine, head)
     # rendered in the rigid part of the pose, as the privacy evaluation does (own proportions)
     centre = register.apply_affine(img.affine, np.argwhere(head)).mean(0)
-    views = evaluate.render_views(data, img.affine, evaluate.rigid_part(to_atlas, centre), YAWS_DEG)
+    views = metrics.render_views(data, img.affine, metrics.rigid_part(to_atlas, centre), YAWS_DEG)
     renders = {yaw: rend.rgb() for yaw, rend in views.items()}
     detections = [detect_face(renders[yaw], yaw) for yaw in YAWS_DEG]
     n_faces = sum(d.valid for d in detections)

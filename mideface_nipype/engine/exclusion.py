@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from mideface_nipype.atlas import Atlas
-from mideface_nipype.register import resample
+from mideface_nipype.engine.atlas import Atlas
+from mideface_nipype.engine.register import resample
 
 #: Where the exclusion mask comes from: the SAMSEG-style segmentation (brain, skull, eyes), the
 #: atlas priors alone (brain and eyes; ``--no-samseg``), or a file the user gives.

@@ -279,7 +279,7 @@ def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
     its range, else float32. A provenance code in the stored values is embedded again in the
     converted values, so ``--check`` still finds it.
     """
-    from mideface_nipype import fill
+    from mideface_nipype.engine import fill
 
     stored = stored_data(img)
     slope, inter = _scaling(img)

@@ -33,8 +33,10 @@ import trimesh
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from mideface_nipype import bracket, headmask, io, register, render
-from mideface_nipype.atlas import load_atlas
+from mideface_nipype.engine import bracket, headmask, register
+from mideface_nipype.engine.atlas import load_atlas
+from mideface_nipype.reports import render
+from mideface_nipype.utils import io
 
 #: Yaw (deg) of the gallery view (intact heads) and of the probe views.
 GALLERY_YAW_DEG = 0.0

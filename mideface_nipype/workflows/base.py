@@ -7,9 +7,9 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
-from mideface_nipype.bracket import RIPPLE_AMP_MM, RIPPLE_PERIOD_MM
-from mideface_nipype.exclusion import DEFAULT_XMASK_SOURCE, XMASK_SOURCES
-from mideface_nipype.fill import DEFAULT_SEED, STAT_FRAME
+from mideface_nipype.engine.bracket import RIPPLE_AMP_MM, RIPPLE_PERIOD_MM
+from mideface_nipype.engine.exclusion import DEFAULT_XMASK_SOURCE, XMASK_SOURCES
+from mideface_nipype.engine.fill import DEFAULT_SEED, STAT_FRAME
 from mideface_nipype.interfaces import (
     ApplyFaceMask,
     AtlasExclusionMask,

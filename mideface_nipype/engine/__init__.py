@@ -1,0 +1,3 @@
+"""The science of each MiDeFace step, one module per step: plain functions on arrays and nibabel
+images, free of Nipype.
+"""

@@ -1,0 +1,3 @@
+"""Shared utilities: reading, validating and safely publishing volumes; thread limits; BIDS
+discovery and naming.
+"""

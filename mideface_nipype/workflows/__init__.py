@@ -1,0 +1,1 @@
+"""Nipype graphs: one head (``base``) and a BIDS dataset (``bids``)."""
