@@ -1,15 +1,15 @@
-"""``mideface-eval``: mideface-nipype and its peers on a set of real heads, one results table.
+"""mideface-eval: mideface-nipype and its peers on a set of real heads, one results table.
 
-    mideface-eval HEAD... --out DIR [--methods mideface quickshear pydeface-ants]
-                  [--sources ATLAS_SOURCES] [--no-tissue]
+    mideface-eval HEAD... --out DIR [--methods METHOD...] [--sources DIR] [--no-tissue]
 
 For every head: the intact renders (gallery and control probes), then for every method the
 defaced head made by the method as a whole process (wall time, peak memory), its renders, the
 renders after the refacing attacks, voxels changed inside the independent brain mask, and tissue
 volumes before vs after (Atropos in the original's brain mask) and the brain-mask volume
-estimated anew on the defaced image. Per-head results are kept in ``DIR/subjects/`` (a rerun
-reuses them), the defaced heads in ``DIR/defaced/METHOD/``; the table is written to
-``DIR/results.md`` and the figures to ``DIR/results.json``. Needs the ``eval`` extra.
+estimated anew on the defaced image. Per-head results are kept in DIR/subjects/ (a rerun
+reuses them), the defaced heads in DIR/defaced/METHOD/; the table is written to
+DIR/results.md and the figures to DIR/results.json. Needs the eval extra
+(pip install 'mideface-nipype[eval]').
 """
 
 from __future__ import annotations
@@ -391,13 +391,47 @@ def markdown_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mideface-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="mideface-eval",
+        description=__doc__,  # the --help text: plain, no markup
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("heads", nargs="+", type=Path, help="original heads (or one folder)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--sources", type=Path, default=DEFAULT_SOURCES, help="atlas sources")
-    parser.add_argument("--no-tissue", dest="tissue", action="store_false")
+    parser.add_argument(
+        "heads",
+        nargs="+",
+        type=Path,
+        metavar="HEAD",
+        help="original (intact) head volume; a folder stands for every *.nii* file in it",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="output folder: results.md, results.json, subjects/, defaced/METHOD/, brain/",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"defacers to compare, among {', '.join(METHODS)} (default: all)",
+    )
+    parser.add_argument(
+        "--sources",
+        type=Path,
+        default=DEFAULT_SOURCES,
+        metavar="DIR",
+        help=f"folder holding {metrics.SSW_FILE} and {metrics.ICBM_BRAIN_FILE}, for the "
+        "independent brain mask (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-tissue",
+        dest="tissue",
+        action="store_false",
+        help="skip the tissue volumes (Atropos) and the brain mask estimated again on each "
+        "defaced image: faster, brain voxels changed are still counted",
+    )
     args = parser.parse_args(argv)
     heads = [p for h in args.heads for p in (sorted(h.glob("*.nii*")) if h.is_dir() else [h])]
     methods = tuple(args.methods)
