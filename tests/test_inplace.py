@@ -53,7 +53,7 @@ os.umask(0o022)
 from nipype import config
 
 config.set("execution", "hash_method", "content")
-from mideface_nipype.cli.mideface import mideface_bids
+from mideface_nipype.cli import mideface_bids as bids_cli
 from mideface_nipype.utils import io
 
 kill_at = int(os.environ.get("KILL_AT", "0"))

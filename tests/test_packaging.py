@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,17 @@ def test_non_editable_install_ships_atlas(tmp_path):
         "README.md",
     } <= shipped
     assert not any(name.startswith("chris") for name in shipped)
+
+
+def test_readme_layout_lists_every_module():
+    """The README's Layout section names every subpackage and module, so the tree cannot drift."""
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    words = set(re.findall(r"[\w./]+", layout))
+    package = REPO / "mideface_nipype"
+    missing = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*"))
+        if (path.suffix == ".py" and path.name != "__init__.py" and path.name not in words)
+        or ((path / "__init__.py").exists() and f"{path.name}/" not in words)
+    ]
+    assert not missing, f"README's Layout misses {missing}"
