@@ -18,6 +18,7 @@ from mideface_nipype.evaluation import audit
 from mideface_nipype.reports.report import STYLE
 from mideface_nipype.reports.slices import save_png
 from mideface_nipype.utils import io
+from mideface_nipype.utils.errors import MidefaceError
 from mideface_nipype.utils.threads import pin_itk_threads
 
 #: Exit codes: no face in view, at least one image flagged, usage error or unreadable input.
@@ -297,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = audit.audit_image(io.load_volume(path), str(path))
         except (ValueError, RuntimeError) as err:  # no head, no skin: the others still count
-            reason = " ".join(str(err).split()).removeprefix(f"{path}: ")
+            # the row names the image: its reason is the problem alone (a MidefaceError about
+            # another file keeps that file's name)
+            own = isinstance(err, MidefaceError) and err.path in (None, str(path))
+            reason = " ".join((err.problem if own else str(err)).split())
             result = audit.AuditResult(str(path), NOT_AUDITED, reason)
         if result.verdict not in (audit.FACE_IN_VIEW, audit.OUT_OF_VIEW):
             result.renders.clear()  # the page shows only these images' renders

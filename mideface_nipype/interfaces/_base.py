@@ -14,7 +14,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, Simp
 
 from mideface_nipype.utils.threads import limit_threads
 
-LOGGER = logging.getLogger("mideface")
+LOGGER = logging.getLogger(__name__)
 
 
 class StepInputSpec(BaseInterfaceInputSpec):

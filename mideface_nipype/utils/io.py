@@ -24,6 +24,8 @@ import nibabel as nib
 import numpy as np
 
 from mideface_nipype import __version__
+from mideface_nipype.utils.errors import InputError, OutputError
+from mideface_nipype.utils.geometry import voxel_sizes
 
 #: Volume file name endings that nibabel reads and writes.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
@@ -46,14 +48,6 @@ WORK_COPIES = 20
 STAGING_PREFIX = ".mideface-staging."
 
 
-class InputError(ValueError):
-    """An input file that cannot be defaced; the message names the file and the problem."""
-
-
-class OutputError(InputError):
-    """An output that must not or cannot be written; the message names the file and the problem."""
-
-
 def split_suffix(path: str | Path) -> tuple[str, str]:
     """(stem, suffix) for a volume path, treating ``.nii.gz`` as one suffix."""
     name = str(path)
@@ -71,9 +65,9 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputError("file not found", path=path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a volume file")
+        raise InputError("is a folder, not a volume file", path=path)
     try:
         img = nib.load(path)
     except (
@@ -86,32 +80,35 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
     ) as err:
         _check_gzip(path)
         reason = " ".join(str(err).split())
-        raise InputError(f"{path}: cannot be read as a NIfTI or MGZ volume ({reason})") from err
+        raise InputError(f"cannot be read as a NIfTI or MGZ volume ({reason})", path=path) from err
     if not isinstance(img, nib.spatialimages.SpatialImage):
-        raise InputError(f"{path}: is not a volume image")
+        raise InputError("is not a volume image", path=path)
     shape = img.shape
     spatial = [n for n in shape[:3]]
     if len(shape) < 3 or min(spatial) < MIN_AXIS_VOXELS:
         raise InputError(
-            f"{path}: is {len([n for n in shape if n > 1])}-D with shape {shape}; "
-            "a 3-D volume (or a 4-D series) is needed"
+            f"is {len([n for n in shape if n > 1])}-D with shape {shape}; "
+            "a 3-D volume (or a 4-D series) is needed",
+            path=path,
         )
     if len(shape) > 4 and any(n > 1 for n in shape[4:]):
-        raise InputError(f"{path}: has {len(shape)} dimensions {shape}; 3-D or 4-D is needed")
+        raise InputError(f"has {len(shape)} dimensions {shape}; 3-D or 4-D is needed", path=path)
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise InputError(f"{path}: has an unusable voxel-to-world affine")
-    voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
+        raise InputError("has an unusable voxel-to-world affine", path=path)
+    voxel_mm = voxel_sizes(affine)
     if voxel_mm.min() < VOXEL_MM_RANGE[0] or voxel_mm.max() > VOXEL_MM_RANGE[1]:
         raise InputError(
-            f"{path}: has an absurd affine: voxels of {np.round(voxel_mm, 4).tolist()} mm "
-            f"(a head MRI has {VOXEL_MM_RANGE[0]} to {VOXEL_MM_RANGE[1]} mm)"
+            f"has an absurd affine: voxels of {np.round(voxel_mm, 4).tolist()} mm "
+            f"(a head MRI has {VOXEL_MM_RANGE[0]} to {VOXEL_MM_RANGE[1]} mm)",
+            path=path,
         )
     centre_mm = affine[:3, :3] @ ((np.asarray(shape[:3]) - 1) / 2.0) + affine[:3, 3]
     if np.abs(centre_mm).max() > MAX_OFFSET_MM:
         raise InputError(
-            f"{path}: has an absurd affine: the field of view is centred "
-            f"{np.abs(centre_mm).max():.3g} mm from the scanner origin"
+            f"has an absurd affine: the field of view is centred "
+            f"{np.abs(centre_mm).max():.3g} mm from the scanner origin",
+            path=path,
         )
     if max_gb is not None:
         check_size(img, path, max_gb)
@@ -120,15 +117,15 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
         reason = " ".join(str(err).split())
-        raise InputError(f"{path}: the voxel data are truncated or corrupt ({reason})") from err
+        raise InputError(f"the voxel data are truncated or corrupt ({reason})", path=path) from err
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise InputError(f"{path}: voxel type {data.dtype} is not a real number type")
+        raise InputError(f"voxel type {data.dtype} is not a real number type", path=path)
     if np.issubdtype(data.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
-            raise InputError(f"{path}: contains {bad} NaN or infinite voxels")
+            raise InputError(f"contains {bad} NaN or infinite voxels", path=path)
     if data.size == 0 or np.ptp(data) == 0:
-        raise InputError(f"{path}: is empty (every voxel has the same value)")
+        raise InputError("is empty (every voxel has the same value)", path=path)
     _check_scaling(img, data, path)
     return img
 
@@ -137,21 +134,21 @@ def load_matrix(path: str | Path) -> np.ndarray:
     """A 4x4 affine from a text file (``--init-reg``, ``--apply`` REG); ``InputError`` if not."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError("file not found", path=path)
     try:
         matrix = np.loadtxt(path, dtype=np.float64, ndmin=1)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())
-        raise InputError(f"{path}: is not a text 4x4 matrix ({reason})") from err
+        raise InputError(f"is not a text 4x4 matrix ({reason})", path=path) from err
     if matrix.size != 16:
-        raise InputError(f"{path}: has {matrix.size} numbers; a 4x4 matrix (16) is needed")
+        raise InputError(f"has {matrix.size} numbers; a 4x4 matrix (16) is needed", path=path)
     matrix = matrix.reshape(4, 4)
     if (
         not np.all(np.isfinite(matrix))
         or not np.allclose(matrix[3], (0, 0, 0, 1))
         or abs(np.linalg.det(matrix[:3, :3])) < 1e-6
     ):
-        raise InputError(f"{path}: is not an invertible affine 4x4 matrix (last row 0 0 0 1)")
+        raise InputError("is not an invertible affine 4x4 matrix (last row 0 0 0 1)", path=path)
     return matrix
 
 
@@ -167,8 +164,9 @@ def check_size(img: nib.spatialimages.SpatialImage, path: str | Path, max_gb: fl
     gb = needed_gb(img.shape) + raw_gb
     if gb > max_gb:
         raise InputError(
-            f"{path}: its header claims {'x'.join(str(n) for n in img.shape)} voxels, which "
-            f"needs about {gb:.3g} GB of memory (more than --max-gb {max_gb:g})"
+            f"its header claims {'x'.join(str(n) for n in img.shape)} voxels, which "
+            f"needs about {gb:.3g} GB of memory (more than --max-gb {max_gb:g})",
+            path=path,
         )
 
 
@@ -183,8 +181,9 @@ def _check_scaling(img: nib.spatialimages.SpatialImage, data: np.ndarray, path: 
     finite = np.isfinite(slope) and np.isfinite(inter)
     if not finite or biggest > float(np.finfo(np.float32).max):
         raise InputError(
-            f"{path}: the scaling (scl_slope {slope:g}, scl_inter {inter:g}) overflows float32: "
-            f"stored values up to {extreme:g} become {biggest:.3g}; fix the header's scaling"
+            f"the scaling (scl_slope {slope:g}, scl_inter {inter:g}) overflows float32: "
+            f"stored values up to {extreme:g} become {biggest:.3g}; fix the header's scaling",
+            path=path,
         )
 
 
@@ -194,7 +193,7 @@ def _check_gzip(path: Path) -> None:
         with open(path, "rb") as fh:
             magic = fh.read(2)
     except OSError as err:
-        raise InputError(f"{path}: cannot be read ({err.strerror})") from err
+        raise InputError(f"cannot be read ({err.strerror})", path=path) from err
     if magic != b"\x1f\x8b":
         return
     try:
@@ -203,8 +202,8 @@ def _check_gzip(path: Path) -> None:
                 pass
     except (OSError, EOFError, zlib.error) as err:
         reason = " ".join(str(err).split())
-        message = f"{path}: the compressed data are truncated or corrupt ({reason})"
-        raise InputError(message) from err
+        message = f"the compressed data are truncated or corrupt ({reason})"
+        raise InputError(message, path=path) from err
 
 
 def stored_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
@@ -259,7 +258,9 @@ def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
     path = Path(path)
     _, suffix = split_suffix(path)
     if not suffix:
-        raise InputError(f"{path}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
+        raise InputError(
+            f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=path
+        )
     if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
         img = _to_mgh(img)
     with atomic_path(path, suffix=suffix) as tmp:
@@ -430,25 +431,25 @@ class Publisher:
         read = self._read_paths.get(dst.resolve()) or self._read_ids.get(_file_id(dst) or (-1, -1))
         if read is not None:
             same = "" if str(read) == str(dst) else f" ({read}, the same file)"
-            raise OutputError(f"{dst}: the output would overwrite the input{same}; not written")
+            raise OutputError(f"the output would overwrite the input{same}; not written", path=dst)
         return dst
 
     def check(self, dst: str | Path) -> Path:
         """``dst`` if this run may write it, else raise ``OutputError`` naming it and why."""
         dst = self.refuse_reads(dst)
         if dst.is_dir():
-            raise OutputError(f"{dst}: is a folder, not a file the output can be written to")
+            raise OutputError("is a folder, not a file the output can be written to", path=dst)
         folder = dst.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
-            raise OutputError(f"{dst}: cannot be written: {folder} is a file, not a folder")
+            raise OutputError(f"cannot be written: {folder} is a file, not a folder", path=dst)
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutputError(f"{dst}: the output folder {folder} is not writable")
+            raise OutputError(f"the output folder {folder} is not writable", path=dst)
         if dst.resolve() in self._claimed:
-            raise OutputError(f"{dst}: two outputs of this run have this name")
+            raise OutputError("two outputs of this run have this name", path=dst)
         if os.path.lexists(dst) and not self.force:
-            raise OutputError(f"{dst}: already exists; give --force to overwrite it")
+            raise OutputError("already exists; give --force to overwrite it", path=dst)
         return dst
 
     def check_all(self, paths: Iterable[str | Path]) -> list[Path]:
@@ -467,7 +468,7 @@ class Publisher:
         _, suffix = split_suffix(dst)
         if not suffix:
             raise OutputError(
-                f"{dst}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}"
+                f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=dst
             )
         if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
             img = _to_mgh(img)
@@ -559,8 +560,9 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             os.close(fd)
             raise OutputError(
-                f"{path}: another mideface run is using this {what} (lock {lock_file}); "
-                "wait for it to finish or choose another"
+                f"another mideface run is using this {what} (lock {lock_file}); "
+                "wait for it to finish or choose another",
+                path=path,
             ) from None
         if _file_id(lock_file) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
             break

@@ -1,0 +1,195 @@
+"""What the ``mideface`` and ``mideface-bids`` commands share: the parser, the engine options,
+the logging and the one line a failure prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mideface_nipype.utils.errors import InputError, carried_error
+
+#: The package's logger: every module logs under it (``logging.getLogger(__name__)``).
+PACKAGE_LOGGER = logging.getLogger("mideface_nipype")
+#: Nipype's loggers, quiet unless ``--verbose`` (their tracebacks of a failed node included).
+NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 1 for a bad command line, like every other refusal."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def number(kind: type, low: float, *, inclusive: bool = True):
+    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` unless ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (value == low and not inclusive) or value != value:
+            relation = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {relation} {low}")
+        return value
+
+    return parse
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, pics_help: str):
+    """The defacing options both commands pass to the engine, in the groups "what to deface",
+    "how to fill", "protection" and "quality control"; ``pics_help`` says where ``--pics`` puts
+    the pictures. Returns (the protection group, its exclusive choice of the exclusion mask's
+    source), where a command adds its own ``--xmask`` and ``--init-reg``."""
+    from mideface_nipype.engine import bracket, exclusion, fill
+
+    what = parser.add_argument_group("what to deface")
+    what.add_argument(
+        "--ears", dest="ears", action="store_true", default=True, help="deface the ears (default)"
+    )
+    what.add_argument("--no-ears", dest="ears", action="store_false", help="leave the ears")
+    what.add_argument(
+        "--forehead", action="store_true", help="deface the forehead too (risks brain)"
+    )
+    what.add_argument("--no-forehead", dest="forehead", action="store_false")
+    what.add_argument("--back-of-head", action="store_true", help="deface the back of the head")
+    what.add_argument("--no-back-of-head", dest="back_of_head", action="store_false")
+
+    how = parser.add_argument_group("how to fill")
+    how.add_argument(
+        "--fill-const",
+        nargs=2,
+        type=float,
+        metavar=("IN", "OUT"),
+        help="fill with constants instead of noise (inside, outside the template)",
+    )
+    how.add_argument("--fill-zero", "--zero", action="store_true", help="same as --fill-const 0 0")
+    how.add_argument(
+        "--ripple",
+        nargs="*",
+        type=number(float, 0, inclusive=False),
+        metavar="AMP PERIOD",
+        help=f"ripple the template surface (default amplitude {bracket.RIPPLE_AMP_MM} mm, "
+        f"period {bracket.RIPPLE_PERIOD_MM} mm)",
+    )
+    how.add_argument(
+        "--statframe",
+        type=number(int, 0),
+        default=fill.STAT_FRAME,
+        help=f"frame of a 4-D image used for the fill statistics (default {fill.STAT_FRAME})",
+    )
+    how.add_argument(
+        "--seed",
+        type=number(int, 0),
+        default=fill.DEFAULT_SEED,
+        help=f"random seed of the noise fill (default {fill.DEFAULT_SEED}); same data and seed, "
+        "same bytes",
+    )
+
+    protection = parser.add_argument_group("protection")
+    source = protection.add_mutually_exclusive_group()
+    samseg_default = exclusion.DEFAULT_XMASK_SOURCE == "segment"
+    source.add_argument(
+        "--samseg",
+        dest="samseg",
+        action="store_true",
+        default=samseg_default,
+        help="exclusion mask from the SAMSEG-style segmentation of this head: brain, skull, "
+        "eyes" + (" (default)" if samseg_default else ""),
+    )
+    source.add_argument(
+        "--no-samseg",
+        dest="samseg",
+        action="store_false",
+        help="exclusion mask from the atlas brain and eyes only, through the registration "
+        "(faster)" + ("" if samseg_default else " (default)"),
+    )
+
+    qa = parser.add_argument_group("quality control")
+    qa.add_argument("--pics", action="store_true", help=pics_help)
+    return protection, source
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine's keywords (``init_mideface_wf``'s) from the options of
+    ``add_engine_options`` and the command's ``--xmask``; ``InputError`` for a bad ``--ripple``."""
+    if args.ripple is not None and len(args.ripple) > 2:
+        raise InputError(f"--ripple takes AMP and PERIOD at most, not {len(args.ripple)}")
+    fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
+    options = {
+        "xmask_source": "user" if args.xmask else ("segment" if args.samseg else "atlas"),
+        "ears": args.ears,
+        "forehead": args.forehead,
+        "back_of_head": args.back_of_head,
+        "ripple": args.ripple is not None,
+        "seed": args.seed,
+        "fill_const": tuple(fill_const) if fill_const else None,
+        "stat_frame": args.statframe,
+        "pics": args.pics,
+    }
+    if args.ripple:
+        options |= dict(zip(("ripple_amp_mm", "ripple_period_mm"), args.ripple, strict=False))
+    return options
+
+
+def setup_logging(prog: str, verbose: bool, log_file: Path | None = None) -> None:
+    """Every module's lines (the ``mideface_nipype`` loggers) to stderr, and to ``log_file``,
+    as ``HH:MM:SS PROG: message``; Nipype's own only with ``verbose`` (without it, a failure is
+    one line naming the file and the problem)."""
+    from nipype import logging as nlogging
+
+    close_logging()
+    PACKAGE_LOGGER.setLevel(logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s {prog}: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        PACKAGE_LOGGER.addHandler(handler)
+    for name in NIPYPE_LOGGERS:
+        nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def configure_nipype(*, stop_on_first_crash: bool, crashdump_dir: Path | None = None) -> None:
+    """Nipype's execution settings of a command: text crash files (``error_line`` reads the
+    error of a failed node from them), every output kept for publishing."""
+    from nipype import config
+
+    config.set("execution", "crashfile_format", "txt")
+    config.set("execution", "stop_on_first_crash", str(stop_on_first_crash).lower())
+    config.set("execution", "remove_unnecessary_outputs", "false")
+    if crashdump_dir is not None:
+        config.set("execution", "crashdump_dir", str(crashdump_dir))
+
+
+def close_logging() -> None:
+    for handler in PACKAGE_LOGGER.handlers:
+        handler.close()
+    PACKAGE_LOGGER.handlers.clear()
+
+
+def log_error(message: str) -> None:
+    """The error line also in the log file (the console gets it from the command)."""
+    record = PACKAGE_LOGGER.makeRecord(
+        PACKAGE_LOGGER.name, logging.ERROR, __file__, 0, "error: %s", (message,), None
+    )
+    for handler in PACKAGE_LOGGER.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def error_line(err: BaseException) -> str:
+    """What a command prints for ``err``, as one line: a ``MidefaceError``'s text (also from a
+    failed Nipype node, see ``utils.errors``), else the last line of ``err``'s text (the last
+    line of a traceback is its error)."""
+    found = carried_error(err)
+    if found is not None:
+        return " ".join(str(found).split())
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
