@@ -48,8 +48,9 @@ import trimesh  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 from skimage.measure import marching_cubes  # noqa: E402
 
-from mideface_nipype import atlas as atlas_mod  # noqa: E402
-from mideface_nipype import register  # noqa: E402
+from mideface_nipype.engine import atlas as atlas_mod  # noqa: E402
+from mideface_nipype.engine import register  # noqa: E402
+from mideface_nipype.utils import geometry  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -157,15 +158,15 @@ def average_head_in_mni(sources: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     MNI -> average head affine)."""
     ssw, ssw_aff = load(sources / "niivue-deface_MNI152_2009_SSW.nii.gz")
     avg, avg_aff = load(sources / "pydeface_mean_reg2mean.nii.gz")
-    f2, f2_aff = register.smooth_downsample(ssw, ssw_aff, 2.0)
-    m2, m2_aff = register.smooth_downsample(avg, avg_aff, 2.0)
+    f2, f2_aff = geometry.smooth_downsample(ssw, ssw_aff, 2.0)
+    m2, m2_aff = geometry.smooth_downsample(avg, avg_aff, 2.0)
     init = np.eye(4)
-    init[:3, 3] = register._centroid(m2 > m2.mean(), m2_aff) - register._centroid(
+    init[:3, 3] = geometry.centroid_mm(m2 > m2.mean(), m2_aff) - geometry.centroid_mm(
         f2 > f2.mean(), f2_aff
     )
     mni_to_avg = register.register_affine(f2, f2_aff, m2, m2_aff, initial=init)
     shape, affine = box_grid(BUILD_MM)
-    head = register.resample(avg, avg_aff, shape, affine, target_to_source=mni_to_avg)
+    head = geometry.resample(avg, avg_aff, shape, affine, target_to_source=mni_to_avg)
     return head, affine, mni_to_avg
 
 
@@ -197,7 +198,7 @@ def tissue_priors(
 
     def icbm(name: str) -> np.ndarray:
         data, aff = load(sources / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
-        return register.resample(data, aff, shape, affine)
+        return geometry.resample(data, aff, shape, affine)
 
     gm = np.clip(icbm("gm") / 255.0, 0, 1)
     wm = np.clip(icbm("wm") / 255.0, 0, 1)
@@ -208,7 +209,7 @@ def tissue_priors(
     for centre in EYE_CENTRES_MM:
         eyes |= np.linalg.norm(xyz - np.asarray(centre), axis=-1) <= EYE_RADIUS_MM
     wm_intensity = np.median(head[wm > 0.9])
-    dist_to_brain = ndi.distance_transform_edt(~brain, sampling=register.voxel_sizes(affine))
+    dist_to_brain = ndi.distance_transform_edt(~brain, sampling=geometry.voxel_sizes(affine))
     bone = (
         mask
         & ~brain
@@ -254,10 +255,10 @@ def head_surface(mask: np.ndarray, affine: np.ndarray) -> trimesh.Trimesh:
     """Step 4."""
     soft = ndi.gaussian_filter(mask.astype(np.float32), 1.0)
     shape15, aff15 = box_grid(SURFACE_MM)
-    soft15 = register.resample(soft, affine, shape15, aff15)
+    soft15 = geometry.resample(soft, affine, shape15, aff15)
     padded = np.pad(soft15, 2)
     verts, faces, _, _ = marching_cubes(padded, level=0.5)
-    verts = register.apply_affine(aff15, verts - 2)
+    verts = geometry.apply_affine(aff15, verts - 2)
     # no vertex merging: marching cubes output is already shared-vertex and watertight
     mesh = trimesh.Trimesh(verts, faces, process=False)
     trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=-0.53, iterations=10)
@@ -293,10 +294,10 @@ def rays_escape(
     """
     depths_mm = np.arange(RAY_START_MM, RAY_CHECK_MM + 1e-9, BUILD_MM)
     points = vertices[:, None, :] + depths_mm[None, :, None] * normals[:, None, :]
-    ijk = np.rint(register.apply_affine(np.linalg.inv(affine), points.reshape(-1, 3)))
+    ijk = np.rint(geometry.apply_affine(np.linalg.inv(affine), points.reshape(-1, 3)))
     ijk = ijk.astype(np.intp)
     neck_slice = int(
-        np.rint(register.apply_affine(np.linalg.inv(affine), [[0, 0, NECK_CUT_Z_MM]])[0, 2])
+        np.rint(geometry.apply_affine(np.linalg.inv(affine), [[0, 0, NECK_CUT_Z_MM]])[0, 2])
     )
     ijk[:, 2] = np.maximum(ijk[:, 2], neck_slice)  # the RAS box: slices run up from the floor
     inside = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), axis=1)
@@ -412,8 +413,8 @@ def peer_regions(
     for name, (file, erase) in PEER_FACE_REGIONS.items():
         img = nib.load(sources / file)
         data = np.asarray(img.dataobj, dtype=np.float32)
-        world = register.apply_affine(mni_to_avg, points) if name == "pydeface" else points
-        ijk = np.rint(register.apply_affine(np.linalg.inv(img.affine), world)).astype(np.intp)
+        world = geometry.apply_affine(mni_to_avg, points) if name == "pydeface" else points
+        ijk = np.rint(geometry.apply_affine(np.linalg.inv(img.affine), world)).astype(np.intp)
         inside = np.all((ijk >= 0) & (ijk < np.asarray(data.shape)), axis=1)
         values = np.zeros(len(points), dtype=np.float32)
         values[inside] = data[tuple(ijk[inside].T)]

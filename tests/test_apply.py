@@ -11,9 +11,10 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from mideface_nipype.cli import mideface as cli
-from mideface_nipype.engine import apply, fill, register
-from mideface_nipype.utils import io
-from mideface_nipype.workflows.base import init_mideface_wf, workflow_outputs
+from mideface_nipype.engine import apply, fill
+from mideface_nipype.utils import geometry, io
+from mideface_nipype.workflows.base import init_mideface_wf, run_workflow
+from mideface_nipype.workflows.outputs import Outputs
 
 #: Every test here runs the engine on real heads (or needs a run that does).
 pytestmark = pytest.mark.slow
@@ -38,14 +39,14 @@ def make_second_contrast(t1_path, out_path) -> np.ndarray:
     hi = np.percentile(t1[head], 99)
     # T2-like: dark white matter, bright fluid; air stays dark
     t2 = np.where(head, 0.25 * hi + 0.9 * (hi - np.clip(t1, 0, hi)), 0.02 * hi)
-    centre = register.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
+    centre = geometry.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
     rot = np.eye(4)
     rot[:3, :3] = Rotation.from_euler("xyz", SYNTH_ROTATION_DEG, degrees=True).as_matrix()
     rot[:3, 3] = centre - rot[:3, :3] @ centre
-    shape, grid = register.iso_grid(t1.shape, img.affine, SYNTH_VOXEL_MM)
+    shape, grid = geometry.iso_grid(t1.shape, img.affine, SYNTH_VOXEL_MM)
     new_affine = rot @ grid  # the head turned in the scanner, on a coarser grid
     new_to_t1 = np.linalg.inv(rot)  # world point q of the new image shows the T1w's rot^-1 q
-    data = register.resample(t2, img.affine, shape, new_affine, target_to_source=new_to_t1)
+    data = geometry.resample(t2, img.affine, shape, new_affine, target_to_source=new_to_t1)
     xyz = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
     bias = np.exp(0.25 * xyz[..., 0] - 0.2 * xyz[..., 2] + 0.1 * xyz[..., 1] ** 2)
     noise = np.random.default_rng(0).normal(0, 0.02 * hi, shape)
@@ -88,10 +89,10 @@ def test_pd_defaced_with_t1w_mask_brain_untouched(chris_run):
     assert np.count_nonzero(changed & brain_pd) == 0
     # the face is in view on this slab (eyes, upper nose): it was replaced, in front of the brain
     assert changed.sum() > 5_000
-    xyz = register.apply_affine(pd.affine, np.argwhere(changed))
+    xyz = geometry.apply_affine(pd.affine, np.argwhere(changed))
     assert (
         np.median(xyz[:, 1])
-        > register.apply_affine(pd.affine, np.argwhere(brain_pd))[:, 1].max() - 40
+        > geometry.apply_affine(pd.affine, np.argwhere(brain_pd))[:, 1].max() - 40
     )
     assert fill.check_code(after)
 
@@ -130,14 +131,20 @@ def test_synthetic_second_contrast_through_the_workflow(name, tmp_path):
     t1_path = HEADS_DIR / name
     syn_path = tmp_path / "syn_T2w.nii.gz"
     syn_to_t1 = make_second_contrast(t1_path, syn_path)
-    wf = init_mideface_wf(name="multi", other_contrasts=[str(syn_path)])
-    wf.inputs.inputnode.in_file = str(t1_path)
-    wf.base_dir = str(tmp_path / "work")
-    outputs = workflow_outputs(wf, wf.run())
+    names = ("face_mask", "exclusion_mask", "other_face_masks", "other_out_files")
+    outputs = {key: [str(tmp_path / "out" / f"{key}.nii.gz")] for key in names}
+    wf = init_mideface_wf(
+        name="multi",
+        in_file=t1_path,
+        other_contrasts=[str(syn_path)],
+        outputs=Outputs(destinations=outputs),
+    )
+    run_workflow(wf, tmp_path / "work")
+    outputs = {key: paths[0] for key, paths in outputs.items()}
     syn = nib.load(syn_path)
     t1 = nib.load(t1_path)
     face_t1 = np.asarray(nib.load(outputs["face_mask"]).dataobj)
-    face_syn = np.asarray(nib.load(outputs["other_face_masks"][0]).dataobj)
+    face_syn = np.asarray(nib.load(outputs["other_face_masks"]).dataobj)
     expected = apply.resample_labels(face_t1, t1.affine, syn.shape, syn.affine, syn_to_t1)
     xmask_syn = apply.resample_protection(
         np.asarray(nib.load(outputs["exclusion_mask"]).dataobj),
@@ -149,7 +156,7 @@ def test_synthetic_second_contrast_through_the_workflow(name, tmp_path):
     expected[xmask_syn] = 0
     assert _dice(face_syn > 0, expected > 0) >= 0.9
     before = io.stored_data(syn)
-    after = io.stored_data(nib.load(outputs["other_out_files"][0]))
+    after = io.stored_data(nib.load(outputs["other_out_files"]))
     changed = before != after
     changed[: len(fill.CODE_TAG), 0, 0] = False
     assert changed.sum() > 0.5 * np.count_nonzero(face_syn)

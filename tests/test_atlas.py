@@ -14,6 +14,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from mideface_nipype.engine import atlas as atlas_mod
+from mideface_nipype.engine import register
 from mideface_nipype.engine.atlas import load_atlas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,31 @@ def test_rebuild_reproduces_committed_atlas(tmp_path, atlas):
         ).max()
         <= 1
     )
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["turned", "mirrored"])
+def test_projected_surface_is_the_atlas_moved_and_still_wound_outward(atlas, mirror):
+    """``project_surface`` moves every vertex through the inverse registration, keeps each
+    vertex's label, and keeps the triangles wound outward when the registration mirrors."""
+    subject_to_atlas = np.array(
+        [[0.0, 1.05, 0.0, -4.0], [-0.95, 0.0, 0.0, 12.0], [0.0, 0.0, 1.1, -30.0], [0, 0, 0, 1.0]]
+    )
+    if mirror:
+        subject_to_atlas = subject_to_atlas @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    vertices, faces, regions = register.project_surface(atlas, subject_to_atlas)
+    back = vertices @ subject_to_atlas[:3, :3].T + subject_to_atlas[:3, 3]
+    assert np.allclose(back, atlas.surface.vertices, atol=1e-9)
+    for i, name in enumerate(atlas_mod.LABELS):
+        assert np.array_equal(np.flatnonzero(regions == i + 1), atlas.labels[name]), name
+    # the enclosed volume is positive only when the triangles are wound outward
+    corners = vertices[faces]
+    area = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    assert np.einsum("ij,ij->", corners.mean(1) - vertices.mean(0), area) > 0
+
+
+def test_head_image_is_the_average_head_and_its_mask(atlas):
+    head = atlas.head_image()
+    assert head.data.dtype == np.float32 and head.mask.dtype == bool
+    assert head.data.shape == head.mask.shape == atlas.head.shape
+    assert np.array_equal(head.affine, atlas.head.affine)
+    assert head.data[head.mask].mean() > 5 * max(float(head.data[~head.mask].mean()), 1e-6)

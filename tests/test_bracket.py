@@ -564,3 +564,20 @@ def test_face_offset_pushes_the_face_and_pulls_the_nose():
     assert bk.max_edge_step(sphere.faces, np.ones(len(v), bool), field) <= (
         1.5 * steepest * longest_mm + 1e-9
     )
+
+
+def test_subject_ripple_carries_the_atlas_centre_into_the_subject():
+    """The ripple centre given in atlas mm lands where the registration puts that atlas point."""
+    from mideface_nipype.engine.atlas import load_atlas
+
+    centre_atlas_mm = load_atlas().meta["ripple"]["center_mm"]
+    subject_to_atlas = np.array(
+        [[0.0, -1.1, 0.0, 5.0], [1.0, 0.0, 0.1, -20.0], [0.0, 0.0, 0.9, 30.0], [0, 0, 0, 1.0]]
+    )
+    spec = bk.subject_ripple(centre_atlas_mm, subject_to_atlas, amp_mm=2.0, period_mm=25.0)
+    back_mm = subject_to_atlas[:3, :3] @ spec.center_mm + subject_to_atlas[:3, 3]
+    assert np.allclose(back_mm, centre_atlas_mm, atol=1e-9)
+    assert (spec.amp_mm, spec.period_mm) == (2.0, 25.0)
+    assert bk.subject_ripple(centre_atlas_mm, np.eye(4)).center_mm == pytest.approx(
+        tuple(centre_atlas_mm)
+    )

@@ -22,7 +22,7 @@ from scipy.spatial.transform import Rotation
 from mideface_nipype.cli import mideface as cli
 from mideface_nipype.engine import apply, fill, register
 from mideface_nipype.engine.headmask import head_mask, seghead
-from mideface_nipype.utils import io
+from mideface_nipype.utils import geometry, io
 
 #: How the head is turned in the remapped image (degrees about x, y, z) and its grid (mm).
 TURN_DEG = (12.0, -9.0, 14.0)
@@ -79,14 +79,14 @@ def remap_head(t1_path: Path, remap: str, out_path: Path, *, turn: bool = True) 
     if not turn:
         nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), out_path)
         return np.eye(4)
-    centre = register.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
+    centre = geometry.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
     rot = np.eye(4)
     rot[:3, :3] = Rotation.from_euler("xyz", TURN_DEG, degrees=True).as_matrix()
     rot[:3, 3] = centre - rot[:3, :3] @ centre
-    shape, grid = register.iso_grid(t1.shape, img.affine, GRID_MM)
+    shape, grid = geometry.iso_grid(t1.shape, img.affine, GRID_MM)
     new_to_t1 = np.linalg.inv(rot)
-    smooth = register.anti_alias(data, img.affine, GRID_MM)
-    out = register.resample(smooth, img.affine, shape, rot @ grid, target_to_source=new_to_t1)
+    smooth = geometry.anti_alias(data, img.affine, GRID_MM)
+    out = geometry.resample(smooth, img.affine, shape, rot @ grid, target_to_source=new_to_t1)
     nib.save(nib.Nifti1Image(np.clip(out, 0, None).astype(np.float32), rot @ grid), out_path)
     return new_to_t1
 

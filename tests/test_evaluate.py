@@ -15,11 +15,10 @@ from brain import shared_brain_mask
 from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
 
 from mideface_nipype.cli import mideface_eval as eval_cli
-from mideface_nipype.engine import register
 from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.evaluation import metrics, peers
 from mideface_nipype.reports import render
-from mideface_nipype.utils import io
+from mideface_nipype.utils import geometry, io
 
 #: Three real heads for the end-to-end run (2 mm: cheap).
 E2E_HEADS = FACE_HEADS[:3]
@@ -84,7 +83,7 @@ def test_render_views_of_a_ball_volume_through_a_rigid_matrix():
     affine = np.diag([-2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [79.0, -79.0, -79.0]
     radius_mm = np.linalg.norm(
-        register.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
+        geometry.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
     ).reshape(shape)
     data = (100 * np.clip((55 - radius_mm) / 10, 0, 1)).astype(np.float32)
     skin_radius = 55 - 10 * render.skin_level(data) / 100
@@ -107,7 +106,7 @@ def test_rigid_part_keeps_rotation_and_centre():
     assert np.allclose(rigid[:3, :3], rot, atol=0.06)
     assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3))
     assert np.allclose(
-        register.apply_affine(rigid, centre[None]), register.apply_affine(affine, centre[None])
+        geometry.apply_affine(rigid, centre[None]), geometry.apply_affine(affine, centre[None])
     )
 
 
@@ -211,7 +210,7 @@ def _tissue_phantom() -> tuple[nib.Nifti1Image, np.ndarray]:
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = -47.0
     radius = np.linalg.norm(
-        register.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
+        geometry.apply_affine(affine, np.indices(shape).reshape(3, -1).T), axis=1
     )
     radius = radius.reshape(shape)
     data = np.select([radius < 25, radius < 33, radius < 38], [100.0, 60.0, 20.0], 0.0)
@@ -243,7 +242,7 @@ def test_independent_brain_mask_is_repeatable():
     img = nib.load(HEADS_DIR / FACE_HEADS[2])
     first = shared_brain_mask(img, ATLAS_SOURCES_DIR)  # the session's, made in another test
     assert np.array_equal(first, metrics.independent_brain_mask(img, ATLAS_SOURCES_DIR))
-    assert 900 < first.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 < 2000  # mL
+    assert 900 < first.sum() * np.prod(geometry.voxel_sizes(img.affine)) / 1000 < 2000  # mL
 
 
 def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
@@ -262,13 +261,13 @@ def test_pydeface_method_erases_the_face_and_keeps_the_brain(tmp_path):
     before, after = io.first_frame(img), io.first_frame(nib.load(out))
     # the face region of the atlas, mapped into the subject, lost most of its tissue
     erased = (before > 0) & (after == 0)
-    assert erased.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 > 50  # mL
+    assert erased.sum() * np.prod(geometry.voxel_sizes(img.affine)) / 1000 > 50  # mL
     # the brain (the atlas brain priors, dilated) is untouched
     atlas = load_atlas()
     brain = atlas.priors["gm"].get_fdata() + atlas.priors["wm"].get_fdata() > 0.5
     matrix = metrics.align_to_atlas(img)
     brain_subj = (
-        register.resample(
+        geometry.resample(
             brain.astype(np.float32),
             atlas.head.affine,
             img.shape,
@@ -289,7 +288,7 @@ def test_pydeface_method_defaces_where_the_engine_would_refuse(tmp_path):
     assert peers.main(["pydeface-ants", str(src), str(out)]) == 0
     img = nib.load(src)
     erased = (io.first_frame(img) > 0) & (io.first_frame(nib.load(out)) == 0)
-    assert erased.sum() * np.prod(register.voxel_sizes(img.affine)) / 1000 > 50  # mL
+    assert erased.sum() * np.prod(geometry.voxel_sizes(img.affine)) / 1000 > 50  # mL
 
 
 def test_bad_input_is_one_line_and_no_output(tmp_path, capsys):
@@ -411,7 +410,7 @@ def test_icp_attacker_realigns_moved_heads_and_tells_people_apart():
         [0, np.sin(angle), np.cos(angle)],
     ]
     motion[:3, 3] = [3.0, -2.0, 4.0]
-    moved = [tuple(register.apply_affine(motion, p) for p in pair) for pair in heads]
+    moved = [tuple(geometry.apply_affine(motion, p) for p in pair) for pair in heads]
     back = metrics.rigid_icp(moved[0][0], heads[0][0])
     undone = back @ motion
     assert np.abs(undone[:3, :3] - np.eye(3)).max() < 0.01 and np.abs(undone[:3, 3]).max() < 0.5

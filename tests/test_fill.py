@@ -17,6 +17,7 @@ from mideface_nipype.engine.fill import (
     code_fits,
     code_location,
     compartment_stats,
+    deface,
     embed_code,
     fill_face,
 )
@@ -340,3 +341,14 @@ def test_embed_code_needs_twenty_voxels():
     assert np.array_equal(out, data) and out is not data
     with pytest.raises(ValueError, match="at least 20 voxels"):
         code_location(data.shape)
+
+
+def test_deface_is_the_fill_then_the_tag(head):
+    """``deface`` (what --i/--o and --apply-to both write) fills and then tags: the same bytes
+    as the two steps, the tag readable, the statistics those of the fill."""
+    data, mask = head
+    out, stats = deface(data, mask, seed=DEFAULT_SEED + 3)
+    filled, fill_stats = fill_face(data, mask, seed=DEFAULT_SEED + 3)
+    assert np.array_equal(out, embed_code(filled)) and out.dtype == data.dtype
+    assert check_code(out) and not check_code(filled)
+    assert stats == fill_stats

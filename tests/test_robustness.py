@@ -26,7 +26,8 @@ from scipy.spatial.transform import Rotation
 from mideface_nipype.cli import mideface as cli
 from mideface_nipype.engine import fill, headmask, register
 from mideface_nipype.engine.atlas import load_atlas
-from mideface_nipype.utils import io
+from mideface_nipype.utils import geometry, io
+from mideface_nipype.utils.geometry import GridImage
 
 #: Every test here runs the engine on real heads (or needs a run that does).
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def world_map(geom: Geometry, centre_mm: np.ndarray) -> np.ndarray:
 
 
 def variant_affine(affine: np.ndarray, shape: tuple[int, ...], geom: Geometry) -> np.ndarray:
-    centre = register.apply_affine(affine, (np.asarray(shape[:3]) - 1)[None] / 2.0)[0]
+    centre = geometry.apply_affine(affine, (np.asarray(shape[:3]) - 1)[None] / 2.0)[0]
     return world_map(geom, centre) @ affine @ voxel_map(shape[:3], geom)
 
 
@@ -269,12 +270,7 @@ def search_grids(reference) -> dict:
     img = nib.load(REF_PATH)
     return {
         "head": np.asarray(headmask.head_mask(img).dataobj) > 0,
-        "atlas": register.masked_grid(
-            np.asarray(atlas.head.dataobj, np.float32),
-            atlas.head.affine,
-            np.asarray(atlas.headmask.dataobj) > 0,
-            register.SEARCH_MM,
-        ),
+        "atlas": register.masked_grid(atlas.head_image(), register.SEARCH_MM),
     }
 
 
@@ -292,7 +288,8 @@ def test_every_axis_order_head_mask_and_pose_search(reference, search_grids, geo
     head = np.asarray(headmask.head_mask(nib.Nifti1Image(data, img.affine)).dataobj) > 0
     assert np.array_equal(head, reorient(search_grids["head"], geom))
     start = register.search_initial_pose(
-        *register.masked_grid(data, img.affine, head, register.SEARCH_MM), *search_grids["atlas"]
+        register.masked_grid(GridImage(data, img.affine, head), register.SEARCH_MM),
+        search_grids["atlas"],
     )
     # a world point of the variant shows the anatomy at this world point of the original
     to_original = img.affine @ voxel_map(img.shape, geom) @ np.linalg.inv(img.affine)
@@ -313,7 +310,7 @@ def test_face_partly_outside_the_field_of_view(reference, tmp_path):
     """The front 20 mm of the face cut away by the box: what is left is defaced, brain intact."""
     img = nib.load(REF_PATH)
     axis, forward = _anterior_axis(img.affine)
-    zoom = register.voxel_sizes(img.affine)[axis]
+    zoom = geometry.voxel_sizes(img.affine)[axis]
     head = np.asarray(nib.load(reference["dir"] / "head.mask.nii.gz").dataobj) > 0
     rows = np.flatnonzero(head.any(axis=tuple(i for i in range(3) if i != axis)))
     cut = int(round(CROP_MM / zoom))
@@ -340,7 +337,7 @@ def thick_sagittal(src: Path, out: Path) -> tuple[nib.Nifti1Image, int, float]:
     """
     img = nib.load(src)
     axis = int(np.argmax(np.abs(img.affine[0, :3])))  # the voxel axis along world x
-    factor = SAGITTAL_MM / register.voxel_sizes(img.affine)[axis]
+    factor = SAGITTAL_MM / geometry.voxel_sizes(img.affine)[axis]
     n_slices = int(img.shape[axis] // factor)
     to_old = np.eye(4)
     to_old[axis, axis] = factor
@@ -348,7 +345,7 @@ def thick_sagittal(src: Path, out: Path) -> tuple[nib.Nifti1Image, int, float]:
     shape = list(img.shape[:3])
     shape[axis] = n_slices
     thick = ndi.uniform_filter1d(io.first_frame(img), int(round(factor)), axis=axis)
-    data = register.resample(thick, img.affine, shape, img.affine @ to_old)
+    data = geometry.resample(thick, img.affine, shape, img.affine @ to_old)
     new = nib.Nifti1Image(np.round(data).astype(np.int16), img.affine @ to_old)
     new.header.set_xyzt_units("mm")
     nib.save(new, out)
@@ -359,7 +356,7 @@ def test_thick_sagittal_slices(tmp_path):
     """1 x 1 x 4.8 mm sagittal slices of a real 1 mm head: defaced, no slice touching brain."""
     path = tmp_path / "sagittal.nii.gz"
     img, axis, factor = thick_sagittal(ONE_MM_PATH, path)
-    assert sorted(np.round(register.voxel_sizes(img.affine), 3)) == [1.0, 1.0, SAGITTAL_MM]
+    assert sorted(np.round(geometry.voxel_sizes(img.affine), 3)) == [1.0, 1.0, SAGITTAL_MM]
     changed, face = deface(path, tmp_path)
     # a thick voxel is brain when any 1 mm slice it covers is
     line = np.zeros((3, 3, 3), bool)
@@ -371,7 +368,7 @@ def test_thick_sagittal_slices(tmp_path):
         independent_brain_mask(str(ONE_MM_PATH)), line, iterations=int(np.ceil(factor / 2))
     )
     brain_thick = (
-        register.resample(brain.astype(np.float32), src.affine, img.shape, img.affine, order=0)
+        geometry.resample(brain.astype(np.float32), src.affine, img.shape, img.affine, order=0)
         > 0.5
     )
     assert brain_thick.sum() > 10_000
@@ -393,14 +390,10 @@ def registration_grids(reference) -> tuple:
     atlas = load_atlas()
     head = np.asarray(nib.load(reference["dir"] / "head.mask.nii.gz").dataobj) > 0
     img = nib.load(REF_PATH)
-    fixed = register.masked_grid(io.first_frame(img), img.affine, head, register.REGISTRATION_MM)
-    moving = register.masked_grid(
-        np.asarray(atlas.head.dataobj, np.float32),
-        atlas.head.affine,
-        np.asarray(atlas.headmask.dataobj) > 0,
-        register.REGISTRATION_MM,
+    fixed = register.masked_grid(
+        GridImage(io.first_frame(img), img.affine, head), register.REGISTRATION_MM
     )
-    return fixed + moving
+    return fixed, register.masked_grid(atlas.head_image(), register.REGISTRATION_MM)
 
 
 def test_pose_check_passes_the_right_pose_and_refuses_turned_ones(reference, registration_grids):
@@ -433,18 +426,12 @@ def test_init_reg_is_honoured(reference, tmp_path, capsys):
     atlas = load_atlas()
     head = np.asarray(nib.load(reference["dir"] / "head.mask.nii.gz").dataobj) > 0
     matrix, _ = register.register_atlas(
-        io.first_frame(img),
-        img.affine,
-        head,
-        np.asarray(atlas.head.dataobj, np.float32),
-        atlas.head.affine,
-        np.asarray(atlas.headmask.dataobj) > 0,
-        initial=reference["matrix"],
+        GridImage(io.first_frame(img), img.affine, head), atlas, initial=reference["matrix"]
     )
     face = atlas.surface.vertices[atlas.labels["nose"]]
     moved_mm = np.linalg.norm(
-        register.apply_affine(np.linalg.inv(matrix), face)
-        - register.apply_affine(np.linalg.inv(reference["matrix"]), face),
+        geometry.apply_affine(np.linalg.inv(matrix), face)
+        - geometry.apply_affine(np.linalg.inv(reference["matrix"]), face),
         axis=1,
     )
     assert moved_mm.max() < 2.0

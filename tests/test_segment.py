@@ -29,7 +29,8 @@ from mideface_nipype.engine.segment import (
     segment,
     voxel_volume_ml,
 )
-from mideface_nipype.utils import io
+from mideface_nipype.utils import geometry, io
+from mideface_nipype.utils.geometry import GridImage
 
 IXI_HEADS = [name for name in FACE_HEADS if name.startswith("IXI")]
 DCMQA = "dcmqa-xa30_T1w_2mm.nii.gz"
@@ -69,14 +70,7 @@ def atlas():
 
 
 def _register(atlas, data, affine, head) -> np.ndarray:
-    matrix, _ = register.register_atlas(
-        data,
-        affine,
-        head,
-        np.asarray(atlas.head.dataobj, np.float32),
-        atlas.head.affine,
-        np.asarray(atlas.headmask.dataobj) > 0,
-    )
+    matrix, _ = register.register_atlas(GridImage(data, affine, head), atlas)
     return matrix
 
 
@@ -104,7 +98,7 @@ def cases(atlas):
             img = nib.load(HEADS_DIR / name)
             data = io.first_frame(img)
             if spacing_mm > 0:
-                data, affine = register.smooth_downsample(data, img.affine, spacing_mm)
+                data, affine = geometry.smooth_downsample(data, img.affine, spacing_mm)
                 img = nib.Nifti1Image(data, affine)
             head = np.asarray(headmask.head_mask(img).dataobj) > 0
             if matrix is None:
@@ -151,8 +145,8 @@ def reference_brain_mask(data: np.ndarray, affine: np.ndarray, head: np.ndarray)
     growth (the CSF layer over the cortex, which ``segment`` counts as brain).
     """
     mm = 2.0
-    d, aff = register.smooth_downsample(data, affine, mm)
-    h = register.smooth_downsample(head.astype(np.float32), affine, mm)[0] > 0.5
+    d, aff = geometry.smooth_downsample(data, affine, mm)
+    h = geometry.smooth_downsample(head.astype(np.float32), affine, mm)[0] > 0.5
     sigma = 24.0 / mm
     local = ndi.gaussian_filter(np.where(h, d, 0), sigma)
     local /= np.maximum(ndi.gaussian_filter(h.astype(np.float32), sigma), 1e-3)
@@ -170,7 +164,7 @@ def reference_brain_mask(data: np.ndarray, affine: np.ndarray, head: np.ndarray)
     brain = ndi.binary_erosion(brain, _ball(6.0 / mm), border_value=1)
     brain = _fill_holes_slicewise(brain)
     brain = ndi.binary_dilation(brain, _ball(2.0 / mm)) & h
-    return register.resample(brain.astype(np.float32), aff, data.shape, affine) > 0.5
+    return geometry.resample(brain.astype(np.float32), aff, data.shape, affine) > 0.5
 
 
 @pytest.mark.slow
@@ -197,7 +191,7 @@ def test_brain_matches_independent_skull_strip(cases, name):
 
 def _atlas_points(case: Case, mask: np.ndarray) -> np.ndarray:
     """MNI (atlas) mm of the voxels of ``mask``."""
-    return register.apply_affine(case.subject_to_atlas @ case.img.affine, np.argwhere(mask))
+    return geometry.apply_affine(case.subject_to_atlas @ case.img.affine, np.argwhere(mask))
 
 
 @pytest.mark.slow
@@ -224,10 +218,10 @@ def _along_ray(
 ) -> tuple[np.ndarray, ...]:
     """Values of subject-grid volumes every 1 mm along a ray given in atlas space."""
     steps = np.arange(0.0, 160.0, 1.0)
-    world = register.apply_affine(
+    world = geometry.apply_affine(
         np.linalg.inv(case.subject_to_atlas), start_mni + steps[:, None] * direction
     )
-    vox = np.round(register.apply_affine(np.linalg.inv(case.img.affine), world)).astype(int)
+    vox = np.round(geometry.apply_affine(np.linalg.inv(case.img.affine), world)).astype(int)
     vox = vox[np.all((vox >= 0) & (vox < case.seg.labels.shape), axis=1)]
     return tuple(v[tuple(vox.T)] for v in volumes)
 
@@ -284,10 +278,10 @@ def test_pd_slab_matches_t1w_same_session(cases):
     T1w is taken at 2 mm (the segmentation's grid) to keep the test fast.
     """
     t1w = cases(CHRIS_T1W, spacing_mm=SEGMENT_MM)
-    assert np.allclose(register.voxel_sizes(t1w.img.affine), SEGMENT_MM)  # not the 0.88 mm case
+    assert np.allclose(geometry.voxel_sizes(t1w.img.affine), SEGMENT_MM)  # not the 0.88 mm case
     pd = cases(CHRIS_PD, matrix=t1w.subject_to_atlas)
     t1_brain = brain_mask(t1w.seg.labels).astype(np.float32)
-    t1_on_pd = register.resample(t1_brain, t1w.img.affine, pd.data.shape, pd.img.affine) > 0.5
+    t1_on_pd = geometry.resample(t1_brain, t1w.img.affine, pd.data.shape, pd.img.affine) > 0.5
     score = dice(brain_mask(pd.seg.labels), t1_on_pd)
     print(f"PD vs T1w brain Dice {score:.3f}; PD class means {pd.seg.class_means}")
     assert score >= MIN_CONTRAST_DICE
@@ -321,13 +315,13 @@ def synthetic_t2(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     t2 = (post @ np.array([T2_MEANS[c] for c in CLASSES], np.float32)) * (1.0 + 0.5 * texture)
     axis = np.array([1.0, 0.5, 0.2]) / np.linalg.norm([1.0, 0.5, 0.2])
     rot = Rotation.from_rotvec(np.deg2rad(15.0) * axis).as_matrix()
-    shape_iso, _ = register.iso_grid(case.data.shape, case.img.affine, 1.5)
+    shape_iso, _ = geometry.iso_grid(case.data.shape, case.img.affine, 1.5)
     shape = tuple(int(np.ceil(n * 1.1)) for n in shape_iso)
-    centre = register.apply_affine(case.img.affine, (np.array(case.data.shape) - 1)[None] / 2)[0]
+    centre = geometry.apply_affine(case.img.affine, (np.array(case.data.shape) - 1)[None] / 2)[0]
     new_affine = np.eye(4)
     new_affine[:3, :3] = rot * 1.5
     new_affine[:3, 3] = centre - new_affine[:3, :3] @ ((np.array(shape) - 1) / 2)
-    out = register.resample(t2, case.img.affine, shape, new_affine)
+    out = geometry.resample(t2, case.img.affine, shape, new_affine)
     u = [np.linspace(-1.0, 1.0, n) for n in shape]
     shading = np.exp(
         0.35 * u[0][:, None, None]
@@ -346,7 +340,7 @@ def test_synthetic_t2_on_rotated_grid_matches_t1w(cases, atlas):
     head = headmask.seghead(t2)
     seg = segment(t2, t2_affine, head, atlas, case.subject_to_atlas)
     t1_brain = brain_mask(case.seg.labels).astype(np.float32)
-    expected = register.resample(t1_brain, case.img.affine, t2.shape, t2_affine) > 0.5
+    expected = geometry.resample(t1_brain, case.img.affine, t2.shape, t2_affine) > 0.5
     score = dice(brain_mask(seg.labels), expected)
     means = seg.class_means
     print(f"synthetic T2: brain Dice {score:.3f}; class means {means}")
@@ -429,7 +423,7 @@ def test_report_cost(cases):
     """Not a timing test: prints segment() time and peak memory; checks the memory budget."""
     for name in (IXI_HEADS[0], COLIN):
         case = cases(name)
-        zooms = register.voxel_sizes(case.img.affine)
+        zooms = geometry.voxel_sizes(case.img.affine)
         print(
             f"{name} {case.data.shape} {np.round(zooms, 2)} mm: segment() {case.seconds:.1f} s, "
             f"peak traced memory {case.peak_gb:.2f} GB (working grid {SEGMENT_MM} mm)"

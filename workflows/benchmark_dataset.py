@@ -29,8 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from mideface_nipype.engine import headmask, register
-from mideface_nipype.utils import io
+from mideface_nipype.engine import headmask
+from mideface_nipype.utils import geometry, io
 
 HEADS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "heads"
 #: Turn of the second contrast in the scanner (degrees about x), so coregistration has work.
@@ -43,7 +43,7 @@ def second_contrast(t1w: Path, out: Path) -> None:
     data = io.first_frame(img)
     head = np.asarray(headmask.head_mask(img).dataobj) > 0
     inverted = np.where(head, data[head].max() * 1.1 - data, 0).astype(np.float32)
-    centre = register.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
+    centre = geometry.apply_affine(img.affine, np.argwhere(head).mean(0)[None])[0]
     turn = np.eye(4)
     turn[:3, :3] = Rotation.from_euler("x", SECOND_TURN_DEG, degrees=True).as_matrix()
     turn[:3, 3] = centre - turn[:3, :3] @ centre

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mideface_nipype.engine import fill
-from mideface_nipype.engine.register import resample
+from mideface_nipype.utils.geometry import resample
 
 #: Extra voxels of protection around the carried exclusion mask (registration error).
 XMASK_MARGIN_VOX = 1
@@ -84,5 +84,5 @@ def apply_face_mask(
             protect, ndi.generate_binary_structure(3, 3), XMASK_MARGIN_VOX
         )
         mask[protect] = 0
-    out, stats = fill.fill_face(data, mask, seed=seed, fill_const=fill_const, stat_frame=stat_frame)
-    return fill.embed_code(out), mask, stats
+    out, stats = fill.deface(data, mask, seed=seed, fill_const=fill_const, stat_frame=stat_frame)
+    return out, mask, stats

@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import trimesh
 
+from mideface_nipype.utils.geometry import GridImage
+
 #: Tissue classes of the priors, in the order of the 4th axis of ``priors.nii.gz``.
 CLASSES = ("air", "soft", "bone", "csf", "gm", "wm", "eyes")
 #: Surface regions; value i + 1 in the label file is LABELS[i], 0 is unlabelled.
@@ -52,6 +54,14 @@ class Atlas:
     labels: dict[str, np.ndarray]
     watermark: np.ndarray
     meta: dict = field(default_factory=dict)
+
+    def head_image(self) -> GridImage:
+        """The average head (float32) with its grid and head mask, as registration takes it."""
+        return GridImage(
+            np.asarray(self.head.dataobj, dtype=np.float32),
+            self.head.affine,
+            np.asarray(self.headmask.dataobj) > 0,
+        )
 
 
 def atlas_dir() -> Path:

@@ -49,6 +49,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from mideface_nipype.utils.geometry import apply_affine, voxel_sizes
+
 DIST_IN_MIN_MM = 2.0
 DIST_IN_MAX_MM = 20.0
 DIST_OUT_MIN_MM = 2.0
@@ -148,8 +150,7 @@ def _affine(affine: ArrayLike) -> NDArray[np.float64]:
 
 def step_size_mm(affine: ArrayLike) -> float:
     """Search/fill step (FreeSurfer's DeltaDist): a third of the smallest voxel size in mm."""
-    voxel_sizes_mm = np.linalg.norm(_affine(affine)[:3, :3], axis=0)
-    return float(voxel_sizes_mm.min() / 3.0)
+    return float(voxel_sizes(_affine(affine)).min() / 3.0)
 
 
 def vertex_normals(vertices: ArrayLike, faces: ArrayLike) -> NDArray[np.float64]:
@@ -195,6 +196,17 @@ class Ripple:
     center_mm: tuple[float, float, float]
     amp_mm: float = RIPPLE_AMP_MM
     period_mm: float = RIPPLE_PERIOD_MM
+
+
+def subject_ripple(
+    atlas_centre_mm: ArrayLike,
+    subject_to_atlas: ArrayLike,
+    amp_mm: float = RIPPLE_AMP_MM,
+    period_mm: float = RIPPLE_PERIOD_MM,
+) -> Ripple:
+    """The ripple about a centre given in atlas mm, carried into the subject's world."""
+    centre = apply_affine(np.linalg.inv(subject_to_atlas), [atlas_centre_mm])[0]
+    return Ripple(tuple(centre), amp_mm, period_mm)
 
 
 def ripple(vertices: ArrayLike, idx: ArrayLike, spec: Ripple) -> NDArray[np.float64]:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mideface_nipype.engine.atlas import Atlas
-from mideface_nipype.engine.register import resample
+from mideface_nipype.utils.geometry import resample
 
 #: Where the exclusion mask comes from: the SAMSEG-style segmentation (brain, skull, eyes), the
 #: atlas priors alone (brain and eyes; ``--no-samseg``), or a file the user gives.

@@ -279,6 +279,20 @@ def embed_code(data: np.ndarray) -> np.ndarray:
     return out
 
 
+def deface(
+    data: np.ndarray,
+    face_mask: np.ndarray,
+    *,
+    seed: int = DEFAULT_SEED,
+    fill_const: tuple[float, float] | None = None,
+    stat_frame: int = STAT_FRAME,
+) -> tuple[np.ndarray, FillStats]:
+    """The defaced volume: the face compartments filled (``fill_face``), then the provenance code
+    embedded (``embed_code``), so that every defaced output carries it; and the fill statistics."""
+    out, stats = fill_face(data, face_mask, seed=seed, fill_const=fill_const, stat_frame=stat_frame)
+    return embed_code(out), stats
+
+
 def _orientations(frame: np.ndarray) -> Iterator[np.ndarray]:
     """The 48 views of a 3-D frame under every permutation and flip of its axes."""
     for perm in itertools.permutations(range(3)):

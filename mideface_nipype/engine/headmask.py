@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from mideface_nipype.utils.errors import NoHeadError
+
 THRESH1 = 20
 """Scan-line threshold on the 0..255 rescaled image (air is below it, tissue above)."""
 THRESH2 = 20
@@ -32,10 +34,6 @@ compartment of another contrast (fluid, sinus or fat signal; more than the robus
 0.1 %) cannot push the head under the threshold and leave only specks of it."""
 
 _UCHAR_MAX = 255.0
-
-
-class NoHeadError(ValueError):
-    """No plausible head could be segmented (empty, constant, or noise-only image)."""
 
 
 def rescale_to_uchar(data: np.ndarray, *, robust_max_frac: float = ROBUST_MAX_FRAC) -> np.ndarray:
@@ -72,7 +70,7 @@ def air_threshold(intensity: np.ndarray, thresh1: float = THRESH1) -> float:
     return min(thresh1, TISSUE_FRACTION * float(np.median(tissue)))
 
 
-def _scanline_fill(bright: np.ndarray, axis: int, nhits_min: int) -> np.ndarray:
+def scanline_fill(bright: np.ndarray, axis: int, nhits_min: int) -> np.ndarray:
     """Fill every line along ``axis`` from its first to its last run of ``nhits_min`` bright voxels.
 
     Lines without such a run stay empty. Runs are found with a moving-window sum (cumulative sums),
@@ -186,7 +184,7 @@ def seghead(
     intensity = rescale_to_uchar(data, robust_max_frac=robust_max_frac)
     bright = intensity > air_threshold(intensity, thresh1)
     inside_all_axes = np.logical_and.reduce(
-        [_scanline_fill(bright, axis, nhits_min) for axis in range(3)]
+        [scanline_fill(bright, axis, nhits_min) for axis in range(3)]
     )
     mrg = np.where(inside_all_axes, 0.0, _UCHAR_MAX - intensity)
     mask = _fill_holes(_select_head_component(mrg <= thresh2))
@@ -199,6 +197,12 @@ def seghead(
     if n_head == mask.size:
         raise NoHeadError("no head found in the image: no background (constant image?)")
     return mask
+
+
+def head_volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Volume (mL) of a mask's non-zero voxels on a grid of any orientation and shear."""
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    return float(np.count_nonzero(mask) * voxel_ml)
 
 
 def head_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
@@ -214,8 +218,7 @@ def head_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     data = np.asanyarray(img.dataobj[first_frame])
     try:
         mask = seghead(data)
-        voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
-        head_ml = np.count_nonzero(mask) * voxel_ml
+        head_ml = head_volume_ml(mask, img.affine)
         if head_ml < MIN_HEAD_VOLUME_ML:
             raise NoHeadError(
                 f"no head found in the image: head of {head_ml:.0f} mL is smaller than "
@@ -224,5 +227,5 @@ def head_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     except NoHeadError as err:
         if img.get_filename() is None:
             raise
-        raise NoHeadError(f"{img.get_filename()}: {err}") from err
+        raise NoHeadError(err.problem, path=img.get_filename()) from err
     return nib.Nifti1Image(mask.astype(np.uint8), img.affine)

@@ -1,7 +1,9 @@
 """ANTs registration in world (RAS mm) terms: atlas -> subject affine, contrast -> reference rigid.
 
-Everything between steps is a 4x4 matrix in RAS millimetres, so no step depends on voxel order or
-orientation. ANTs works in LPS; the conversion lives here and nowhere else.
+Also the atlas surface carried into the subject through the registration (``project_surface``).
+Heads travel as ``GridImage`` values (image, grid affine, head mask). Everything between steps is
+a 4x4 matrix in RAS millimetres, so no step depends on voxel order or orientation. ANTs works in
+LPS; the conversion lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -10,10 +12,22 @@ import logging
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from mideface_nipype.engine.atlas import Atlas
+from mideface_nipype.engine.headmask import head_mask
+from mideface_nipype.utils.errors import RegistrationError
+from mideface_nipype.utils.geometry import (
+    GridImage,
+    anti_alias,
+    apply_affine,
+    centroid_mm,
+    resample,
+    smooth_downsample,
+)
+from mideface_nipype.utils.io import first_frame
 from mideface_nipype.utils.threads import pin_itk_threads
 
 LOGGER = logging.getLogger(__name__)
@@ -54,7 +68,7 @@ TURNED_POSE_RATIO = 0.8
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _import_ants():
+def import_ants():
     """Import antspyx single-threaded (it uses one core anyway; one thread is reproducible)."""
     pin_itk_threads()
     import ants
@@ -65,76 +79,9 @@ def _import_ants():
     return ants
 
 
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """Voxel edge lengths in mm (column norms of the affine), whatever the orientation."""
-    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-
-
-def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Map (N, 3) points through a 4x4 matrix."""
-    points = np.asarray(points, dtype=float)
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def iso_grid(
-    shape: tuple[int, ...], affine: np.ndarray, spacing_mm: float
-) -> tuple[tuple[int, int, int], np.ndarray]:
-    """An axis-aligned RAS grid of ``spacing_mm`` covering the field of view of (shape, affine)."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
-    world = apply_affine(affine, corners.T)
-    lo, hi = world.min(0), world.max(0)
-    new_shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing_mm).astype(int) + 1)
-    new_affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    new_affine[:3, 3] = lo
-    return new_shape, new_affine
-
-
-def resample(
-    data: np.ndarray,
-    affine: np.ndarray,
-    shape: tuple[int, ...],
-    target_affine: np.ndarray,
-    *,
-    target_to_source: np.ndarray | None = None,
-    order: int = 1,
-    cval: float = 0.0,
-) -> np.ndarray:
-    """Sample ``data`` on a target grid; ``target_to_source`` maps target world mm to source mm."""
-    vox = np.linalg.inv(affine) @ (np.eye(4) if target_to_source is None else target_to_source)
-    vox = vox @ target_affine
-    if order > 1:
-        data = ndi.spline_filter(np.asarray(data, dtype=np.float32), order=order)
-    return ndi.affine_transform(
-        np.asarray(data, dtype=np.float32),
-        vox[:3, :3],
-        offset=vox[:3, 3],
-        output_shape=tuple(shape[:3]),
-        order=order,
-        mode="constant",
-        cval=cval,
-        prefilter=False,
-    )
-
-
-def anti_alias(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """The volume smoothed so that sampling it every ``spacing_mm`` does not alias."""
-    zooms = voxel_sizes(affine)
-    sigma_vox = np.sqrt(np.clip((spacing_mm / zooms) ** 2 - 1.0, 0.0, None)) / 2.355
-    return ndi.gaussian_filter(np.asarray(data, dtype=np.float32), sigma_vox)
-
-
-def smooth_downsample(
-    data: np.ndarray, affine: np.ndarray, spacing_mm: float, *, order: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Anti-aliased resampling of a volume onto an axis-aligned RAS grid of ``spacing_mm``."""
-    shape, new_affine = iso_grid(data.shape, affine, spacing_mm)
-    smoothed = anti_alias(data, affine, spacing_mm)
-    return resample(smoothed, affine, shape, new_affine, order=order), new_affine
-
-
 def to_ants(data: np.ndarray, affine: np.ndarray):
     """An ANTsImage from an array on an axis-aligned RAS grid (as made by ``iso_grid``)."""
-    ants = _import_ants()
+    ants = import_ants()
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))) or np.any(
         np.diag(affine)[:3] <= 0
     ):
@@ -150,7 +97,7 @@ def to_ants(data: np.ndarray, affine: np.ndarray):
 
 def ants_transform_to_ras(path: str | Path) -> np.ndarray:
     """The 4x4 RAS matrix of an ITK/ANTs affine file (maps fixed-space points to moving space)."""
-    ants = _import_ants()
+    ants = import_ants()
     tx = ants.read_transform(str(path))
     params = np.asarray(tx.parameters, dtype=float)
     center = np.asarray(tx.fixed_parameters, dtype=float)
@@ -164,7 +111,7 @@ def ants_transform_to_ras(path: str | Path) -> np.ndarray:
 
 def ras_to_ants_transform(matrix: np.ndarray, path: str | Path) -> Path:
     """Write a RAS 4x4 (fixed -> moving points) as an ITK affine file that ANTs can read."""
-    ants = _import_ants()
+    ants = import_ants()
     lps = _LPS @ matrix @ _LPS
     tx = ants.create_ants_transform(
         transform_type="AffineTransform",
@@ -197,10 +144,6 @@ def _search_rotations() -> np.ndarray:
     return np.array([rot @ turn for rot in _cube_rotations() for turn in turns])
 
 
-def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return apply_affine(affine, np.argwhere(mask).mean(0)[None])[0]
-
-
 def _about(rot: np.ndarray, fixed_point: np.ndarray, moving_point: np.ndarray) -> np.ndarray:
     """Matrix mapping fixed-space points to moving space: rotate about ``fixed_point``."""
     m = np.eye(4)
@@ -226,15 +169,7 @@ def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
     return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
 
 
-def search_initial_pose(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    fixed_mask: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    moving_mask: np.ndarray,
-    score=correlation,
-) -> np.ndarray:
+def search_initial_pose(fixed: GridImage, moving: GridImage, score=correlation) -> np.ndarray:
     """The best start for a local optimiser: the scanner header or one of 168 rotations.
 
     The rotations about the head centroids (``_search_rotations``) cover every way a head can
@@ -242,15 +177,18 @@ def search_initial_pose(
     header, each tilted up to 30 degrees); the header itself wins when the two images already
     share a scanner space (a partial field of view moves the centroid). Ranked by ``score``
     (``correlation`` for the same contrast, ``mutual_information`` across contrasts) over the
-    fixed head on a coarse grid.
+    fixed head on a coarse grid (both as made by ``masked_grid``).
     """
-    fc = _centroid(fixed_mask, fixed_affine)
-    mc = _centroid(moving_mask, moving_affine)
+    fc = centroid_mm(fixed.mask, fixed.affine)
+    mc = centroid_mm(moving.mask, moving.affine)
     candidates = [np.eye(4)] + [_about(rot, fc, mc) for rot in _search_rotations()]
+    inside = fixed.data[fixed.mask]
     scores = []
     for cand in candidates:
-        warped = resample(moving, moving_affine, fixed.shape, fixed_affine, target_to_source=cand)
-        scores.append(score(fixed[fixed_mask], warped[fixed_mask]))
+        warped = resample(
+            moving.data, moving.affine, fixed.data.shape, fixed.affine, target_to_source=cand
+        )
+        scores.append(score(inside, warped[fixed.mask]))
     best = int(np.argmax(scores))
     LOGGER.info("pose search: best %d, score %.3f (header %.3f)", best, scores[best], scores[0])
     return candidates[best]
@@ -277,7 +215,7 @@ def register_affine(
     iterations, shrink_factors, smoothing_sigmas = pyramid
     if convergence is not None:
         iterations = _ants_convergence(iterations, *convergence)
-    ants = _import_ants()
+    ants = import_ants()
     fixed_img = to_ants(fixed, fixed_affine)
     moving_img = to_ants(moving, moving_affine)
     with tempfile.TemporaryDirectory(prefix="mideface-reg-") as tmp:
@@ -308,10 +246,6 @@ def _ants_convergence(
     return tuple(counts)
 
 
-class RegistrationError(RuntimeError):
-    """The atlas did not land on the head; defacing would cut the wrong place."""
-
-
 #: What a refused registration's message suggests.
 _TRY = (
     "try --init-reg with a 4x4 subject->atlas matrix near the right pose, or --no-samseg, and "
@@ -319,35 +253,21 @@ _TRY = (
 )
 
 
-def head_dice(
-    fixed_mask: np.ndarray,
-    fixed_affine: np.ndarray,
-    moving_mask: np.ndarray,
-    moving_affine: np.ndarray,
-    fixed_to_moving: np.ndarray,
-) -> float:
+def head_dice(fixed: GridImage, moving: GridImage, fixed_to_moving: np.ndarray) -> float:
     """Dice of the fixed head mask and the moving head mask pulled through the transform."""
     warped = resample(
-        moving_mask.astype(np.float32),
-        moving_affine,
-        fixed_mask.shape,
-        fixed_affine,
+        moving.mask.astype(np.float32),
+        moving.affine,
+        fixed.mask.shape,
+        fixed.affine,
         target_to_source=fixed_to_moving,
     )
     warped = warped > 0.5
-    both = np.count_nonzero(warped & fixed_mask)
-    return 2.0 * both / max(1, np.count_nonzero(warped) + np.count_nonzero(fixed_mask))
+    both = np.count_nonzero(warped & fixed.mask)
+    return 2.0 * both / max(1, np.count_nonzero(warped) + np.count_nonzero(fixed.mask))
 
 
-def pose_ratio(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    fixed_mask: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    moving_mask: np.ndarray,
-    fixed_to_moving: np.ndarray,
-) -> float:
+def pose_ratio(fixed: GridImage, moving: GridImage, fixed_to_moving: np.ndarray) -> float:
     """Mutual information of a pose over the best of its 23 axis-rotated alternatives.
 
     A head is nearly an ellipsoid, so the head-mask Dice of a head turned front to back or on its
@@ -355,12 +275,14 @@ def pose_ratio(
     right pose explains the subject clearly better than any turned copy and a wrong one does not.
     Mutual information, not correlation, so that other contrasts (PD, T2) are judged alike.
     """
-    centre = _centroid(moving_mask, moving_affine)
-    inside = fixed[fixed_mask]
+    centre = centroid_mm(moving.mask, moving.affine)
+    inside = fixed.data[fixed.mask]
 
     def score(matrix: np.ndarray) -> float:
-        warped = resample(moving, moving_affine, fixed.shape, fixed_affine, target_to_source=matrix)
-        return mutual_information(inside, warped[fixed_mask])
+        warped = resample(
+            moving.data, moving.affine, fixed.data.shape, fixed.affine, target_to_source=matrix
+        )
+        return mutual_information(inside, warped[fixed.mask])
 
     turned = [_about(rot, centre, centre) @ fixed_to_moving for rot in _cube_rotations()[1:]]
     best_other = max(score(matrix) for matrix in turned)
@@ -368,12 +290,8 @@ def pose_ratio(
 
 
 def check_registration(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    fixed_mask: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    moving_mask: np.ndarray,
+    fixed: GridImage,
+    moving: GridImage,
     fixed_to_moving: np.ndarray,
     *,
     min_head_dice: float = MIN_HEAD_DICE,
@@ -383,16 +301,14 @@ def check_registration(
 
     Inputs are the masked images and head masks on the axis-aligned grids registration ran on.
     """
-    dice = head_dice(fixed_mask, fixed_affine, moving_mask, moving_affine, fixed_to_moving)
+    dice = head_dice(fixed, moving, fixed_to_moving)
     if dice < min_head_dice:
         raise RegistrationError(
             f"after registration the atlas head mask overlaps this head's mask with Dice "
             f"{dice:.2f} (< {min_head_dice}): the atlas did not land on the head, nothing was "
             f"defaced; {_TRY}"
         )
-    ratio = pose_ratio(
-        fixed, fixed_affine, fixed_mask, moving, moving_affine, moving_mask, fixed_to_moving
-    )
+    ratio = pose_ratio(fixed, moving, fixed_to_moving)
     if ratio < min_pose_ratio:
         seen = (
             "an axis-turned copy of the atlas fits this image clearly better than the registered "
@@ -408,23 +324,17 @@ def check_registration(
     return dice, ratio
 
 
-def masked_grid(
-    data: np.ndarray, affine: np.ndarray, head: np.ndarray, spacing_mm: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The head (zero outside its mask), its RAS grid affine and mask, at ``spacing_mm``."""
-    masked = np.where(head > 0, data, 0).astype(np.float32)
-    image, image_aff = smooth_downsample(masked, affine, spacing_mm)
-    mask = smooth_downsample(head.astype(np.float32), affine, spacing_mm)[0] > 0.5
-    return image, image_aff, mask
+def masked_grid(head: GridImage, spacing_mm: float) -> GridImage:
+    """The head (zero outside its mask) and its mask on an axis-aligned RAS ``spacing_mm`` grid."""
+    masked = np.where(head.mask > 0, head.data, 0).astype(np.float32)
+    image, image_aff = smooth_downsample(masked, head.affine, spacing_mm)
+    mask = smooth_downsample(head.mask.astype(np.float32), head.affine, spacing_mm)[0] > 0.5
+    return GridImage(image, image_aff, mask)
 
 
 def register_heads(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    fixed_head: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    moving_head: np.ndarray,
+    fixed: GridImage,
+    moving: GridImage,
     *,
     transform: str = "Affine",
     registration_mm: float = REGISTRATION_MM,
@@ -435,29 +345,30 @@ def register_heads(
 ) -> tuple[np.ndarray, float]:
     """Register two heads; return the fixed->moving RAS matrix and the head-mask Dice it reaches.
 
-    Both heads (masked) are brought to ``registration_mm`` RAS grids; ``search_initial_pose``
-    picks the start on a ``SEARCH_MM`` grid unless ``initial`` is given, then ANTs optimises a
-    ``transform`` ("Affine" or "Rigid", Mattes MI) and refines it ``REFINE_PASSES`` times on the
-    moving grid. Raises ``RegistrationError`` when the head masks overlap less than
-    ``min_head_dice`` afterwards or the pose ratio is below ``min_pose_ratio``
-    (``check_registration``; 0 turns that check off).
+    Each head is an image on its own grid with its head mask. Both heads (masked) are brought to
+    ``registration_mm`` RAS grids; ``search_initial_pose`` picks the start on a ``SEARCH_MM``
+    grid unless ``initial`` is given, then ANTs optimises a ``transform`` ("Affine" or "Rigid",
+    Mattes MI) and refines it ``REFINE_PASSES`` times on the moving grid. Raises
+    ``RegistrationError`` when the head masks overlap less than ``min_head_dice`` afterwards or
+    the pose ratio is below ``min_pose_ratio`` (``check_registration``; 0 turns that check off).
     """
-    f, f_aff, f_mask = masked_grid(fixed, fixed_affine, fixed_head, registration_mm)
-    m, m_aff, m_mask = masked_grid(moving, moving_affine, moving_head, registration_mm)
+    f_grid = masked_grid(fixed, registration_mm)
+    m_grid = masked_grid(moving, registration_mm)
     if initial is None:
         initial = search_initial_pose(
-            *masked_grid(fixed, fixed_affine, fixed_head, SEARCH_MM),
-            *masked_grid(moving, moving_affine, moving_head, SEARCH_MM),
-            score=score,
+            masked_grid(fixed, SEARCH_MM), masked_grid(moving, SEARCH_MM), score=score
         )
-    matrix = register_affine(f, f_aff, m, m_aff, initial=initial, transform=transform)
+    m, m_aff = m_grid.data, m_grid.affine
+    matrix = register_affine(
+        f_grid.data, f_grid.affine, m, m_aff, initial=initial, transform=transform
+    )
     # then refine with the fixed head pulled into the moving head's frame: both images sit on the
     # moving grid whatever the fixed head's orientation, position and voxel grid, so the result
     # no longer depends on how the fixed head meets its own registration grid
-    smoothed = anti_alias(np.where(fixed_head > 0, fixed, 0), fixed_affine, registration_mm)
+    smoothed = anti_alias(np.where(fixed.mask > 0, fixed.data, 0), fixed.affine, registration_mm)
     for _ in range(REFINE_PASSES):
         pulled = resample(
-            smoothed, fixed_affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
+            smoothed, fixed.affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
         )
         correction = register_affine(
             pulled,
@@ -471,51 +382,54 @@ def register_heads(
         )
         matrix = correction @ matrix
     dice, ratio = check_registration(
-        f,
-        f_aff,
-        f_mask,
-        m,
-        m_aff,
-        m_mask,
-        matrix,
-        min_head_dice=min_head_dice,
-        min_pose_ratio=min_pose_ratio,
+        f_grid, m_grid, matrix, min_head_dice=min_head_dice, min_pose_ratio=min_pose_ratio
     )
     LOGGER.info("%s registration: head Dice %.3f, pose ratio %.2f", transform, dice, ratio)
     return matrix, dice
 
 
-def register_atlas(
-    data: np.ndarray,
-    affine: np.ndarray,
-    head: np.ndarray,
-    atlas_head: np.ndarray,
-    atlas_affine: np.ndarray,
-    atlas_mask: np.ndarray,
-    **kwargs,
-) -> tuple[np.ndarray, float]:
-    """Affine from subject world to atlas (MNI) world, and the head-mask Dice it reaches."""
-    return register_heads(data, affine, head, atlas_head, atlas_affine, atlas_mask, **kwargs)
+def register_atlas(subject: GridImage, atlas: Atlas, **kwargs) -> tuple[np.ndarray, float]:
+    """Affine from subject world to atlas (MNI) world, and the head-mask Dice it reaches.
+
+    ``subject`` is the head image (frame 0) with its head mask; ``kwargs`` go to
+    ``register_heads``.
+    """
+    return register_heads(subject, atlas.head_image(), **kwargs)
 
 
 def coregister(
-    data: np.ndarray,
-    affine: np.ndarray,
-    head: np.ndarray,
-    ref_data: np.ndarray,
-    ref_affine: np.ndarray,
-    ref_head: np.ndarray,
-    **kwargs,
+    img: nib.spatialimages.SpatialImage, reference: GridImage, **kwargs
 ) -> tuple[np.ndarray, float]:
-    """Rigid map from another contrast's world to the reference's world (mutual information)."""
+    """Rigid map from another contrast's world to the reference's world (mutual information).
+
+    The other contrast's head mask is made here (``headmask.head_mask``, frame 0); ``reference``
+    is the reference image with its head mask. ``kwargs`` go to ``register_heads``.
+    """
+    moving_head = np.asarray(head_mask(img).dataobj) > 0
     return register_heads(
-        data,
-        affine,
-        head,
-        ref_data,
-        ref_affine,
-        ref_head,
+        GridImage(first_frame(img), img.affine, moving_head),
+        reference,
         transform="Rigid",
         score=mutual_information,
         **kwargs,
     )
+
+
+def project_surface(
+    atlas: Atlas, subject_to_atlas: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The atlas head surface in the subject's world (mm) through the registration.
+
+    Returns the vertices, the triangles (their winding reversed when the map reflects, so that
+    they stay wound outward) and each vertex's region as in the label file (index in
+    ``atlas.labels`` + 1, 0 unlabelled).
+    """
+    atlas_to_subject = np.linalg.inv(subject_to_atlas)
+    vertices = apply_affine(atlas_to_subject, atlas.surface.vertices)
+    faces = np.asarray(atlas.surface.faces)
+    if np.linalg.det(atlas_to_subject[:3, :3]) < 0:
+        faces = faces[:, ::-1]  # a reflection turns the winding inside out
+    regions = np.zeros(len(vertices), dtype=np.int32)
+    for i, idx in enumerate(atlas.labels.values()):
+        regions[idx] = i + 1
+    return vertices, faces, regions

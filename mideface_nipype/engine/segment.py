@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 
 from mideface_nipype.engine.atlas import CLASSES, Atlas
 from mideface_nipype.engine.exclusion import XMASK_DILATE_VOX, finish_exclusion_mask
-from mideface_nipype.engine.register import resample, smooth_downsample, voxel_sizes
+from mideface_nipype.utils.geometry import resample, smooth_downsample, voxel_sizes
 
 LOGGER = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.evaluation import metrics
 from mideface_nipype.reports import render
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import GridImage, apply_affine, voxel_sizes
 
 #: Views rendered and searched for a face (yaw, deg): the evaluation's probe views.
 YAWS_DEG = metrics.PROBE_YAWS_DEG
@@ -137,12 +138,8 @@ def subject_to_atlas(
     """
     atlas = load_atlas()
     return register.register_atlas(
-        data,
-        affine,
-        head,
-        np.asarray(atlas.head.dataobj, dtype=np.float32),
-        atlas.head.affine,
-        np.asarray(atlas.headmask.dataobj) > 0,
+        GridImage(data, affine, head),
+        atlas,
         min_head_dice=0.0,
         min_pose_ratio=0.0,
     )
@@ -152,7 +149,7 @@ def atlas_vertices_mm(to_atlas: np.ndarray, labels: tuple[str, ...]) -> np.ndarr
     """The atlas surface vertices of ``labels`` in subject mm."""
     atlas = load_atlas()
     index = np.concatenate([atlas.labels[name] for name in labels])
-    return register.apply_affine(np.linalg.inv(to_atlas), atlas.surface.vertices[index])
+    return apply_affine(np.linalg.inv(to_atlas), atlas.surface.vertices[index])
 
 
 def _in_box(vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -169,15 +166,15 @@ def face_coverage(
     one). NaN when less than half of the nose is inside the box.
     """
     to_vox = np.linalg.inv(affine)
-    face = register.apply_affine(to_vox, atlas_vertices_mm(to_atlas, metrics.FACE_LABELS))
-    nose = register.apply_affine(to_vox, atlas_vertices_mm(to_atlas, ("nose",)))
+    face = apply_affine(to_vox, atlas_vertices_mm(to_atlas, metrics.FACE_LABELS))
+    nose = apply_affine(to_vox, atlas_vertices_mm(to_atlas, ("nose",)))
     face_in_box = float(_in_box(face, data.shape).mean())
     inside = _in_box(nose, data.shape)
     if inside.mean() < 0.5:
         return face_in_box, float("nan")
     level = render.skin_level(data)
     head = render.skin_volume(data, level) > level
-    gap_mm = ndi.distance_transform_edt(~head, sampling=register.voxel_sizes(affine))
+    gap_mm = ndi.distance_transform_edt(~head, sampling=voxel_sizes(affine))
     idx = np.round(nose[inside]).astype(int)
     return face_in_box, float(np.mean(gap_mm[idx[:, 0], idx[:, 1], idx[:, 2]] > NOSE_GAP_MM))
 
@@ -235,7 +232,7 @@ def audit_image(img: nib.spatialimages.SpatialImage, path: str = "") -> AuditRes
     head = np.asarray(headmask.head_mask(img).dataobj) > 0
     to_atlas, dice = subject_to_atlas(data, img.affine, head)
     # rendered in the rigid part of the pose, as the privacy evaluation does (own proportions)
-    centre = register.apply_affine(img.affine, np.argwhere(head)).mean(0)
+    centre = apply_affine(img.affine, np.argwhere(head)).mean(0)
     views = metrics.render_views(data, img.affine, metrics.rigid_part(to_atlas, centre), YAWS_DEG)
     renders = {yaw: rend.rgb() for yaw, rend in views.items()}
     detections = [detect_face(renders[yaw], yaw) for yaw in YAWS_DEG]

@@ -37,6 +37,13 @@ from mideface_nipype.engine import bracket, headmask, register
 from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.reports import render
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import (
+    GridImage,
+    apply_affine,
+    resample,
+    smooth_downsample,
+    voxel_sizes,
+)
 
 #: Yaw (deg) of the gallery view (intact heads) and of the probe views.
 GALLERY_YAW_DEG = 0.0
@@ -89,15 +96,8 @@ def align_to_atlas(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     atlas = load_atlas()
     data = io.first_frame(img)
     head = np.asarray(headmask.head_mask(img).dataobj) > 0
-    affine, _ = register.register_atlas(
-        data,
-        img.affine,
-        head,
-        np.asarray(atlas.head.dataobj, dtype=np.float32),
-        atlas.head.affine,
-        np.asarray(atlas.headmask.dataobj) > 0,
-    )
-    return rigid_part(affine, register.apply_affine(img.affine, np.argwhere(head)).mean(0))
+    affine, _ = register.register_atlas(GridImage(data, img.affine, head), atlas)
+    return rigid_part(affine, apply_affine(img.affine, np.argwhere(head)).mean(0))
 
 
 def rigid_part(matrix: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
@@ -108,7 +108,7 @@ def rigid_part(matrix: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
         rot = u @ np.diag([1.0, 1.0, -1.0]) @ vt
     out = np.eye(4)
     out[:3, :3] = rot
-    out[:3, 3] = register.apply_affine(matrix, centre_mm[None])[0] - rot @ centre_mm
+    out[:3, 3] = apply_affine(matrix, centre_mm[None])[0] - rot @ centre_mm
     return out
 
 
@@ -118,7 +118,7 @@ def view_frame(yaw_deg: float) -> tuple[np.ndarray, render.Frame]:
     shape = atlas.head.shape
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
     cam = render.camera(yaw_deg)
-    return cam, render.Frame.around(register.apply_affine(atlas.head.affine, corners.T), cam)
+    return cam, render.Frame.around(apply_affine(atlas.head.affine, corners.T), cam)
 
 
 def render_views(
@@ -126,7 +126,7 @@ def render_views(
 ) -> dict[float, render.Render]:
     """Skin renders of a head, aligned to the atlas, one per yaw, lit from above."""
     mesh = render.skin_mesh(data, affine)
-    vertices = register.apply_affine(to_atlas, mesh.vertices)
+    vertices = apply_affine(to_atlas, mesh.vertices)
     normals = trimesh.Trimesh(vertices, mesh.faces, process=False).vertex_normals
     out = {}
     for yaw in yaws_deg:
@@ -261,7 +261,7 @@ def skin_points(
     """
     atlas = load_atlas()
     mesh = render.skin_mesh(data, affine)
-    points = register.apply_affine(to_atlas, mesh.vertices)
+    points = apply_affine(to_atlas, mesh.vertices)
     in_face = np.zeros(len(atlas.surface.vertices), dtype=bool)
     for name in FACE_LABELS:
         in_face[atlas.labels[name]] = True
@@ -333,7 +333,7 @@ def icp_depth_correlations(
     for i, (rest, face) in enumerate(probes):
         for j, (g_rest, _) in enumerate(gallery):
             matrix = rigid_icp(rest, g_rest)
-            moved = register.apply_affine(matrix, face)
+            moved = apply_affine(matrix, face)
             both = np.ones(gallery_depth[j].shape, dtype=bool)
             out[i, j] = depth_correlation(frontal_depth(moved, grid), gallery_depth[j], both)
     return out
@@ -348,7 +348,7 @@ def refacing_attacks(data: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarr
     The noise fill must not hide a recoverable face: smoothing removes noise and leaves any
     surface that the fill kept.
     """
-    zooms = register.voxel_sizes(affine)
+    zooms = voxel_sizes(affine)
     size = np.maximum(3, 2 * np.round(MEDIAN_MM / zooms / 2).astype(int) + 1)
     sigma_vox = SMOOTH_FWHM_MM / 2.355 / zooms
     data = np.asarray(data, dtype=np.float32)
@@ -371,12 +371,12 @@ def independent_brain_mask(
     deformable ANTs SyN registration and the ICBM 2009a brain mask, so a shared mistake is
     unlikely. ``sources_dir`` holds ``SSW_FILE`` and ``ICBM_BRAIN_FILE``.
     """
-    ants = register._import_ants()
+    ants = register.import_ants()
     sources_dir = Path(sources_dir)
     data = io.first_frame(img)
-    fixed, fixed_aff = register.smooth_downsample(data, img.affine, BRAIN_REG_MM)
+    fixed, fixed_aff = smooth_downsample(data, img.affine, BRAIN_REG_MM)
     ssw = nib.load(sources_dir / SSW_FILE)
-    moving, moving_aff = register.smooth_downsample(
+    moving, moving_aff = smooth_downsample(
         np.asarray(ssw.dataobj, np.float32), ssw.affine, BRAIN_REG_MM
     )
     brain_src = nib.load(sources_dir / ICBM_BRAIN_FILE)
@@ -387,14 +387,14 @@ def independent_brain_mask(
         fixed_img, register.to_ants(moving, moving_aff), type_of_transform="SyN"
     )
     # the brain mask lives on its own grid: put it on the SSW 3 mm grid first
-    brain3 = register.resample(brain, brain_src.affine, moving.shape, moving_aff)
+    brain3 = resample(brain, brain_src.affine, moving.shape, moving_aff)
     warped = ants.apply_transforms(
         fixed_img,
         register.to_ants(brain3, moving_aff),
         reg["fwdtransforms"],
         interpolator="linear",
     ).numpy()
-    return register.resample(warped, fixed_aff, data.shape, img.affine) > 0.5
+    return resample(warped, fixed_aff, data.shape, img.affine) > 0.5
 
 
 def voxels_changed(original: np.ndarray, defaced: np.ndarray, mask: np.ndarray) -> int:
@@ -424,11 +424,11 @@ def tissue_volumes_ml(
     the face move the bias field, and with it every class, by 1-8 % for any defacer (even one
     that changes no brain voxel): it would measure N4's instability, not the defacing.
     """
-    ants = register._import_ants()
-    data, aff = register.smooth_downsample(io.first_frame(img), img.affine, TISSUE_MM)
-    mask = (
-        register.resample(brain_mask.astype(np.float32), img.affine, data.shape, aff) > 0.5
-    ).astype(np.float32)
+    ants = register.import_ants()
+    data, aff = smooth_downsample(io.first_frame(img), img.affine, TISSUE_MM)
+    mask = (resample(brain_mask.astype(np.float32), img.affine, data.shape, aff) > 0.5).astype(
+        np.float32
+    )
     mask_img = register.to_ants(mask, aff)
     image = ants.n4_bias_field_correction(
         register.to_ants(data, aff),

@@ -28,6 +28,7 @@ import numpy as np
 
 from mideface_nipype.engine import headmask, register
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import GridImage, resample
 
 PEERS = ("quickshear", "pydeface-ants")
 #: quickshear's default distance (voxels) between the shearing plane and the brain.
@@ -58,16 +59,16 @@ def pydeface_ants(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     data = io.first_frame(img)
     # pydeface defaces whatever flirt returns: the engine's registration without its refusals
     subject_to_template, _ = register.register_heads(
-        data,
-        img.affine,
-        np.asarray(headmask.head_mask(img).dataobj) > 0,
-        io.first_frame(template),
-        template.affine,
-        np.asarray(headmask.head_mask(template).dataobj) > 0,
+        GridImage(data, img.affine, np.asarray(headmask.head_mask(img).dataobj) > 0),
+        GridImage(
+            io.first_frame(template),
+            template.affine,
+            np.asarray(headmask.head_mask(template).dataobj) > 0,
+        ),
         min_head_dice=0.0,
         min_pose_ratio=0.0,
     )
-    keep = register.resample(
+    keep = resample(
         np.asarray(facemask.dataobj, dtype=np.float32),
         facemask.affine,
         data.shape,

@@ -12,7 +12,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype.engine import apply, fill, headmask, register
+from mideface_nipype.engine import apply, fill, register
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -25,6 +25,8 @@ from mideface_nipype.interfaces._base import (
     write_json,
 )
 from mideface_nipype.utils import io
+from mideface_nipype.utils.errors import RegistrationError
+from mideface_nipype.utils.geometry import GridImage
 
 
 class _CoregisterInputSpec(StepInputSpec):
@@ -58,15 +60,15 @@ class Coregister(StepInterface):
                 ref = io.load_volume(self.inputs.reference)
                 try:  # name this contrast: the run's error line would name the reference
                     matrix, record["head_dice"] = register.coregister(
-                        io.first_frame(img),
-                        img.affine,
-                        np.asarray(headmask.head_mask(img).dataobj) > 0,
-                        io.first_frame(ref),
-                        ref.affine,
-                        load_mask(self.inputs.reference_mask)[0],
+                        img,
+                        GridImage(
+                            io.first_frame(ref),
+                            ref.affine,
+                            load_mask(self.inputs.reference_mask)[0],
+                        ),
                     )
-                except register.RegistrationError as err:
-                    raise register.RegistrationError(f"{self.inputs.in_file}: {err}") from err
+                except RegistrationError as err:
+                    raise RegistrationError(err.problem, path=self.inputs.in_file) from err
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "to_reference.txt"))
         self._results["itk_transform"] = str(
             register.ras_to_ants_transform(matrix, out_path(runtime, "to_reference.mat"))

@@ -8,7 +8,6 @@ from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype.engine import bracket
 from mideface_nipype.engine.atlas import load_atlas
-from mideface_nipype.engine.register import apply_affine
 from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
@@ -60,10 +59,11 @@ class Bracket(StepInterface):
                 xmask, _ = load_mask(self.inputs.xmask)
             ripple_spec = None
             if self.inputs.ripple:
-                atlas_to_subject = np.linalg.inv(load_matrix(self.inputs.transform))
-                centre = apply_affine(atlas_to_subject, [atlas.meta["ripple"]["center_mm"]])[0]
-                ripple_spec = bracket.Ripple(
-                    tuple(centre), self.inputs.ripple_amp_mm, self.inputs.ripple_period_mm
+                ripple_spec = bracket.subject_ripple(
+                    atlas.meta["ripple"]["center_mm"],
+                    load_matrix(self.inputs.transform),
+                    self.inputs.ripple_amp_mm,
+                    self.inputs.ripple_period_mm,
                 )
             face_mask, brackets, n_protected, blend = bracket.bracket_face(
                 head,

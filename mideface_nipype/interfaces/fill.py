@@ -58,7 +58,7 @@ class Deface(StepInterface):
                     f"face mask grid {face_mask.shape} differs from {self.inputs.in_file} "
                     f"{data.shape[:3]}; resample it first (ApplyFaceMask)"
                 )
-            out, stats = fill.fill_face(
+            out, stats = fill.deface(
                 data,
                 face_mask,
                 seed=self.inputs.seed,
@@ -67,7 +67,6 @@ class Deface(StepInterface):
                 else None,
                 stat_frame=self.inputs.stat_frame,
             )
-            out = fill.embed_code(out)
         record.update(stats.to_dict())
         record["code_location"] = fill.code_location(out.shape)
         _, suffix = io.split_suffix(Path(self.inputs.in_file).name)

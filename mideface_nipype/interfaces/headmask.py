@@ -42,8 +42,7 @@ class HeadMask(StepInterface):
         with step("head mask", record):
             img = io.load_volume(self.inputs.in_file)
             mask = headmask.head_mask(img)
-        voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
-        record["head_ml"] = float(np.count_nonzero(np.asarray(mask.dataobj)) * voxel_ml)
+        record["head_ml"] = headmask.head_volume_ml(np.asarray(mask.dataobj), img.affine)
         self._results["out_file"] = out_path(runtime, "head_mask.nii.gz")
         nib.save(mask, self._results["out_file"])
         self._results["head_ml"] = record["head_ml"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype.engine import register
@@ -20,6 +19,7 @@ from mideface_nipype.interfaces._base import (
     write_json,
 )
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import GridImage
 
 
 class _RegisterAtlasInputSpec(AtlasInputSpec):
@@ -49,12 +49,8 @@ class RegisterAtlas(StepInterface):
             atlas = load_atlas(self.inputs.atlas_dir or None)
             init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
             matrix, dice = register.register_atlas(
-                io.first_frame(img),
-                img.affine,
-                head,
-                np.asarray(atlas.head.dataobj, dtype=np.float32),
-                atlas.head.affine,
-                np.asarray(atlas.headmask.dataobj) > 0,
+                GridImage(io.first_frame(img), img.affine, head),
+                atlas,
                 registration_mm=self.inputs.registration_mm,
                 initial=init,
             )
@@ -84,14 +80,9 @@ class ProjectSurface(StepInterface):
 
     def _run_interface(self, runtime):
         atlas = load_atlas(self.inputs.atlas_dir or None)
-        atlas_to_subject = np.linalg.inv(load_matrix(self.inputs.transform))
-        vertices = register.apply_affine(atlas_to_subject, atlas.surface.vertices)
-        faces = np.asarray(atlas.surface.faces)
-        if np.linalg.det(atlas_to_subject[:3, :3]) < 0:
-            faces = faces[:, ::-1]  # a reflection turns the winding inside out
-        regions = np.zeros(len(vertices), dtype=np.int32)
-        for i, idx in enumerate(atlas.labels.values()):
-            regions[idx] = i + 1
+        vertices, faces, regions = register.project_surface(
+            atlas, load_matrix(self.inputs.transform)
+        )
         save_surface(Path(runtime.cwd), vertices, faces, regions, atlas.watermark)
         self._results["out_file"] = out_path(runtime, SURFACE_FILE)
         self._results["label_file"] = out_path(runtime, LABEL_FILE)

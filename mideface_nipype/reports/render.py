@@ -15,6 +15,8 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
+from mideface_nipype.utils.geometry import apply_affine
+
 #: Yaw of each named view in degrees about the superior axis; 0 looks at the face (from anterior),
 #: positive turns the camera towards the subject's left.
 VIEWS_DEG = {"front": 0.0, "left": 90.0, "right": -90.0, "three-quarter": 30.0}
@@ -65,7 +67,7 @@ def skin_mesh(
     level = skin_level(data) if level is None else level
     vol = np.pad(skin_volume(data, level), 1)  # a closed surface also where the head meets the box
     verts, faces, _, _ = marching_cubes(vol, level)
-    verts = (verts - 1) @ affine[:3, :3].T + affine[:3, 3]
+    verts = apply_affine(affine, verts - 1)
     # marching cubes winds its triangles with normals into the bright side; turn them out of the
     # head, and back again where the affine mirrors the voxel axes
     if np.linalg.det(affine[:3, :3]) > 0:

@@ -1,36 +1,31 @@
-"""QA pictures without a display: a dependency-free PNG writer and labelled slices."""
+"""QA pictures without a display: PNG files (Pillow) and labelled slices."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) or (H, W) uint8 array as PNG (zlib only; no imaging library needed)."""
-    img = np.asarray(image, dtype=np.uint8)
+    """Write an (H, W, 3) RGB or (H, W) grey picture of integers 0-255 as an 8-bit RGB PNG.
+
+    Anything else is refused rather than guessed at: a float picture (0-1 or 0-255?) would be
+    cast and come out black or wrapped.
+    """
+    from PIL import Image
+
+    img = np.asarray(image)
+    if not np.issubdtype(img.dtype, np.integer):
+        raise TypeError(f"save_png needs integers 0-255 (uint8), got {img.dtype} for {path}")
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"save_png needs an (H, W) or (H, W, 3) array, got {img.shape} for {path}")
+    if img.size and (img.min() < 0 or img.max() > 255):
+        raise ValueError(f"save_png needs values 0-255, got {img.min()} to {img.max()} for {path}")
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
-    height, width, _ = img.shape
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), img.reshape(height, -1)], axis=1)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + tag
-            + data
-            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        )
-
-    png = b"\x89PNG\r\n\x1a\n"
-    png += chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-    png += chunk(b"IEND", b"")
     path = Path(path)
-    path.write_bytes(png)
+    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(path, format="PNG")
     return path
 
 
