@@ -1,9 +1,9 @@
 """``deface(img)``: nibabel images in, nibabel images out, for notebooks and other libraries.
 
-It runs the same graph as the ``mideface`` command (``workflows.run_mideface_wf``) in a private
-temporary folder and hands back every result in memory, so the same input and seed give the
-same bytes as ``mideface --i IN --o OUT``. Nothing is written anywhere else unless ``save`` is
-called on the result.
+It runs the same graph as the ``mideface`` command (``workflows.base.init_mideface_wf``, its
+sink publishing into a private temporary folder) and hands back every result in memory, so
+the same input and seed give the same bytes as ``mideface --i IN --o OUT``. Nothing is written
+anywhere else unless ``save`` is called on the result.
 """
 
 from __future__ import annotations
@@ -45,13 +45,19 @@ class DefaceResult:
 
     def save(self, out_dir: str | Path, *, force: bool = False) -> dict[str, Path]:
         """Write the results into ``out_dir`` (the ``mideface --odir`` names); their paths."""
+        from mideface_nipype.workflows.outputs import DEFACED_FILE, ODIR_FILES, defaced_name
+
         out_dir = Path(out_dir)
         suffix = ".mgz" if isinstance(self.defaced, nib.MGHImage) else ".nii.gz"
+        names = {output: name.format(s=".nii.gz") for name, output in ODIR_FILES.items()}
         volumes = {
-            "defaced": (self.defaced, f"defaced{suffix}"),
-            "face_mask": (self.face_mask, "face.mask.nii.gz"),
-            "exclusion_mask": (self.exclusion_mask, "exclusion.mask.nii.gz"),
-        } | {f"other{k}": (img, f"other{k}_defaced{suffix}") for k, img in enumerate(self.other)}
+            "defaced": (self.defaced, DEFACED_FILE.format(s=suffix)),
+            "face_mask": (self.face_mask, names["face_mask"]),
+            "exclusion_mask": (self.exclusion_mask, names["exclusion_mask"]),
+        } | {
+            f"other{k}": (img, defaced_name(f"other{k}{suffix}"))
+            for k, img in enumerate(self.other)
+        }
         publisher = io.Publisher([], force=force)
         publisher.check_all([out_dir / name for _, name in volumes.values()])
         try:
@@ -60,7 +66,7 @@ class DefaceResult:
                 for key, (img, name) in volumes.items()
             }
             stats = json.dumps(self.stats, indent=2) + "\n"
-            written["stats"] = publisher.write_text(stats, out_dir / "stats.json")
+            written["stats"] = publisher.write_text(stats, out_dir / names["stats"])
         except BaseException:
             publisher.rollback()
             raise
@@ -124,18 +130,27 @@ def deface(
     >>> result = deface(nib.load("sub-01_T1w.nii.gz"), seed=7)  # doctest: +SKIP
     >>> nib.save(result.defaced, "sub-01_T1w_defaced.nii.gz")  # doctest: +SKIP
     """
-    from mideface_nipype.workflows.base import run_mideface_wf
+    from mideface_nipype.workflows.base import init_mideface_wf, run_workflow
+    from mideface_nipype.workflows.outputs import DEFACED_FILE, ODIR_FILES, Outputs, defaced_name
 
     with tempfile.TemporaryDirectory(prefix="mideface-api-") as tmp:
         folder = Path(tmp)
         in_file = _checked(img, folder, "input")
         others = [_checked(o, folder, f"other{k}") for k, o in enumerate(other)]
         xmask_file = _checked(xmask, folder, "xmask") if xmask is not None else None
-        outputs = run_mideface_wf(
-            in_file,
-            folder / "work",
+        out = folder / "out"
+        names = {output: name.format(s=".nii.gz") for name, output in ODIR_FILES.items()}
+        files = {"out_file": out / DEFACED_FILE.format(s=io.split_suffix(in_file)[1])}
+        files |= {key: out / names[key] for key in ("face_mask", "exclusion_mask", "transform")}
+        files["stats"] = out / names["stats"]
+        destinations = {key: [str(path)] for key, path in files.items()}
+        if others:  # each in its own folder: two inputs may have the same name
+            destinations["other_out_files"] = [
+                str(out / f"other{k}" / defaced_name(o)) for k, o in enumerate(others)
+            ]
+        workflow = init_mideface_wf(
+            in_file=in_file,
             xmask=xmask_file,
-            n_procs=n_procs,
             xmask_source="user" if xmask is not None else ("segment" if samseg else "atlas"),
             ears=ears,
             forehead=forehead,
@@ -145,12 +160,14 @@ def deface(
             fill_const=tuple(fill_const) if fill_const else None,
             other_contrasts=[str(o) for o in others],
             regheader=regheader,
+            outputs=Outputs(destinations=destinations, reads=(str(in_file),)),
         )
+        run_workflow(workflow, folder / "work", n_procs=n_procs)
         return DefaceResult(
-            defaced=_in_memory(outputs["out_file"]),
-            face_mask=_in_memory(outputs["face_mask"]),
-            exclusion_mask=_in_memory(outputs["exclusion_mask"]),
-            transform=io.load_matrix(outputs["transform"]),
-            stats=json.loads(Path(outputs["stats"]).read_text()),
-            other=tuple(_in_memory(p) for p in outputs.get("other_out_files") or ()),
+            defaced=_in_memory(files["out_file"]),
+            face_mask=_in_memory(files["face_mask"]),
+            exclusion_mask=_in_memory(files["exclusion_mask"]),
+            transform=io.load_matrix(files["transform"]),
+            stats=json.loads(files["stats"].read_text()),
+            other=tuple(_in_memory(p) for p in destinations.get("other_out_files", ())),
         )

@@ -212,9 +212,10 @@ def default_run(
     """
     from mideface_nipype.cli import mideface as cli
     from mideface_nipype.reports import report
+    from mideface_nipype.utils import bids
 
     name = name or head.name
-    if sidecar is not None and not report.is_bids_name(Path(name)):
+    if sidecar is not None and not bids.is_bids_name(Path(name)):
         raise ValueError(f"{name}: a sidecar needs a BIDS name")
 
     def build(folder: Path) -> None:

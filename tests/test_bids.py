@@ -31,8 +31,12 @@ from PIL import Image
 
 from mideface_nipype.cli import mideface_bids as bids_cli
 from mideface_nipype.engine import apply, fill
+from mideface_nipype.engine.atlas import META_FILE, atlas_dir
+from mideface_nipype.interfaces.bids import ReplaceRaw
+from mideface_nipype.interfaces.outputs import Publish
 from mideface_nipype.reports import report, slices
 from mideface_nipype.utils import bids, io
+from mideface_nipype.workflows import bids as bids_workflows
 
 #: Seconds the kill test waits for the first subject's registration to finish.
 KILL_WAIT_S = 180
@@ -206,21 +210,41 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
     report_file = tmp_path / "work" / "report.html"
     report_file.write_text("<html></html>")
 
-    def write(**kwargs):
-        return bids.write_session_outputs(
-            bids_dir=root,
-            output_dir=out,
-            reference=session.reference,
-            others=list(session.others),
-            defaced=str(results[session.reference]),
-            face_mask=str(mask),
-            exclusion_mask=str(mask),
-            other_defaced=[str(results[r]) for r in session.others],
-            other_face_masks=[str(mask)] * len(session.others),
-            transform=str(transform),
-            report_file=str(report_file),
-            **kwargs,
+    def write(session: bids.Session, out: Path, *, in_place: bool = False) -> list[str]:
+        """The session's sink (and, in place, its raw-image replacement) on these results."""
+        outputs = bids_workflows.session_outputs(
+            session, bids_dir=root, output_dir=out, in_place=in_place
         )
+        values = {
+            "out_file": str(results[session.reference]),
+            "face_mask": str(mask),
+            "exclusion_mask": str(mask),
+            "other_out_files": [str(results[r]) for r in session.others],
+            "other_face_masks": [str(mask)] * len(session.others),
+            "transform": str(transform),
+            "report": str(report_file),
+        }
+        sink = Publish(
+            fields=list(outputs.destinations),
+            destinations=outputs.destinations,
+            texts=outputs.texts,
+            in_mm=list(outputs.in_mm),
+            reads=list(outputs.reads),
+            force=outputs.force,
+            clear_stale=outputs.clear_stale,
+            **{field: values[field] for field in outputs.destinations},
+        )
+        written = list(sink.run(cwd=str(tmp_path)).outputs.out_files)
+        if in_place:
+            replace = ReplaceRaw(
+                bids_dir=str(root),
+                output_dir=str(out),
+                images=list(session.published),
+                reference_defaced=values["out_file"],
+                other_defaced=values["other_out_files"],
+            )
+            written += replace.run(cwd=str(tmp_path)).outputs.out_files
+        return written
 
     # a copy that dies half way leaves neither the target nor its temporary file
     def broken_copy(src, dst):
@@ -229,14 +253,14 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
 
     monkeypatch.setattr(io.shutil, "copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
-        write()
+        write(session, out)
     monkeypatch.undo()
     assert [p for p in out.rglob("*") if p.is_file()] == []  # sidecars written before: removed
     # a temporary file left by a killed run is cleared when its target is written
     stale = out / "sub-01/anat/.sub-01_desc-defaced_T1w.nii.gz.abc123"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"half")
-    written = write()
+    written = write(session, out)
     assert not stale.exists()
     defaced_t1w = out / "sub-01/anat/sub-01_desc-defaced_T1w.nii.gz"
     # the test volumes have no spatial units: written in mm, voxels unchanged
@@ -276,18 +300,7 @@ def test_outputs_are_written_atomically_and_in_place_keeps_originals(tmp_path, m
             "original_sha256": hashlib.sha256(data).hexdigest(),
             "defaced_sha256": None,
         }
-    written = bids.write_session_outputs(
-        bids_dir=root,
-        output_dir=out2,
-        reference=session.reference,
-        others=list(session.others),
-        defaced=str(results[session.reference]),
-        face_mask=str(mask),
-        exclusion_mask=str(mask),
-        other_defaced=[str(results[r]) for r in session.others],
-        other_face_masks=[str(mask)] * len(session.others),
-        in_place=True,
-    )
+    written = write(planned, out2, in_place=True)
     assert {str(root.resolve() / rel) for rel in rels} <= set(written)
     manifest = bids.read_manifest(out2)
     for rel in rels:
@@ -320,7 +333,7 @@ def test_defaced_images_are_planned_out_and_names_checked(tmp_path, caplog):
     img = nib.load(flair)
     nib.save(io.like(img, fill.embed_code(io.stored_data(img))), flair)
     (root / "sub-01/anat/sub-01_acq-fast_T2w.json").write_text('{"Defacing": {}}')
-    with caplog.at_level("INFO", logger="mideface"):
+    with caplog.at_level("INFO", logger="mideface_nipype"):
         (planned,) = bids.plan_derivatives(sessions, root, tmp_path / "out")
     assert planned.images == (sessions[0].reference,)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -441,7 +454,8 @@ def test_killed_run_resumes_with_identical_outputs(reference, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert done.exists(), "the registration never finished"
-    assert not (work / "mideface_bids/sub_01/derivatives/result_derivatives.pklz").exists()
+    sink = work / "mideface_bids/sub_01/mideface_wf/outputs_wf/publish/result_publish.pklz"
+    assert not sink.exists()
     # killed before publishing: nothing but the dataset description, and no half files
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
         ".bidsignore",
@@ -543,6 +557,7 @@ def test_every_engine_option_reaches_the_graph(tmp_path):
         matrix.write_text("1 0 0 2\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     atlas = tmp_path / "atlas"
     atlas.mkdir()
+    shutil.copy(atlas_dir() / META_FILE, atlas)  # the methods text reads what the atlas declares
     options = ["--back-of-head", "--forehead", "--no-ears", "--fill-const", "5", "7"]
     options += ["--ripple", "2", "40", "--statframe", "0", "--seed", "9", "--regheader"]
     options += ["--atlas", str(atlas), "--xmask", str(masks), "--init-reg", str(regs), "--pics"]
@@ -561,7 +576,9 @@ def test_every_engine_option_reaches_the_graph(tmp_path):
         assert inputs.init_transform == str(regs.resolve() / bids.transform_name(session.reference))
         assert workflow.get_node(f"{node}.pics") is not None  # --pics
         assert workflow.get_node(f"{node}.segment") is None  # the user's exclusion mask
-        assert workflow.get_node(f"{session.name}.derivatives").inputs.seed == 9
+        sidecar = bids.sidecar_path(bids.defaced_name(session.reference))
+        texts = workflow.get_node(f"{node}.outputs_wf.publish").inputs.texts
+        assert json.loads(texts[str(tmp_path.resolve() / "out" / sidecar)])["DefaceSeed"] == 9
         if session.others:
             apply_mask = workflow.get_node(f"{node}.apply_mask").inputs
             assert (apply_mask.fill_const, apply_mask.seed) == ((5.0, 7.0), 9)

@@ -3,6 +3,8 @@ into the graph, built without running it (bad input and output: see test_nothing
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import HEADS_DIR
+from conftest import HEADS_DIR, default_run
 
 from mideface_nipype import __version__
 from mideface_nipype.cli import mideface as cli
+from mideface_nipype.reports import report
 
 SAMPLE = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
 
@@ -82,6 +85,21 @@ def test_demo_defaces_the_bundled_head_and_check_finds_the_code(tmp_path, capsys
     assert (tmp_path / "check.txt").read_text().strip() == "1"
     cli.main(["--check", str(SAMPLE)])
     assert capsys.readouterr().out.strip() == "0"
+
+
+@pytest.mark.slow
+def test_every_module_logs_into_the_odir_log():
+    """One logger hierarchy: the engine modules' lines (``mideface_nipype.engine.register``,
+    ``.segment``) reach ``--odir``'s log beside the command's own, in the command's format."""
+    log = (default_run("dcmqa-xa30_T1w_2mm.nii.gz", "--pics") / "log" / "mideface.log").read_text()
+    for line in (
+        r"mideface: mideface-nipype \S+: .+ -> .+defaced\.nii\.gz",  # cli/mideface.py
+        r"mideface: head mask done",  # interfaces/_base.py
+        r"mideface: Affine registration: head Dice 0\.\d+, pose ratio \d",  # engine/register.py
+        r"mideface: segmentation EM: \d+ iterations",  # engine/segment.py
+        r"mideface: done in",
+    ):
+        assert re.search(rf"^\d\d:\d\d:\d\d {line}", log, re.M), (line, log)
 
 
 # ----------------------------------------------------------------------------- wiring of the flags
@@ -237,6 +255,39 @@ def test_other_contrasts_threads_init_reg_and_pics(graph_of, tmp_path):
     wf, _, _ = graph_of("--odir", tmp_path / "od", "--pics", "--mgz")
     assert _feeds(wf, "report", "pictures") == [("pics", "pictures")]
     assert wf.get_node("report").inputs.options["fmt"] == "mgz"
+
+
+def test_every_output_is_named_and_published_by_the_graphs_sink(graph_of, tmp_path):
+    """The command only checks, builds and runs: its graph's last node, ``outputs_wf.publish``,
+    gets every output, where it goes (``workflows.outputs``'s names) and the sidecar text."""
+    head = tmp_path / "in" / "sub-01_T1w.nii.gz"
+    head.parent.mkdir()
+    head.write_bytes(SAMPLE.read_bytes())
+    t2 = _copy(SAMPLE, tmp_path / "in" / "sub-01_T2w.nii.gz")
+    od, face = tmp_path / "od", tmp_path / "fm.nii.gz"
+    argv = ["--odir", od, "--mgz", "--pics", "--facemask", face, "--apply-to", t2]
+    wf, _, _ = graph_of(*argv, in_file=head)
+    sink = wf.get_node("outputs_wf.publish").inputs
+    assert sink.destinations["out_file"] == [str(od / "defaced.mgz")]
+    assert sink.destinations["face_mask"] == [str(face), str(od / "face.mask.mgz")]
+    assert sink.destinations["other_out_files"] == [str(od / "sub-01_T2w_defaced.nii.gz")]
+    assert sink.destinations["pictures"] == [str(od / name) for name in report.PICTURES]
+    names = {Path(p).name for paths in sink.destinations.values() for p in paths}
+    assert {"seg.mgz", "segmentation.png", "stats.json", "head.defaced.surf.gii"} <= names
+    assert sink.together == str(od) and sink.force is False
+    assert str(head) in sink.reads and str(head.with_suffix("").with_suffix(".json")) in sink.reads
+    sidecars = {Path(p).name: json.loads(text) for p, text in sink.texts.items()}
+    assert list(sidecars) == ["defaced.json", "sub-01_T2w_defaced.json"]
+    record = sidecars["defaced.json"]["Defacing"]
+    assert record["FaceMask"] == str(face.resolve()) and record["Options"]["fmt"] == "mgz"
+    # every field the sink publishes reaches it from the engine
+    assert _feeds(wf, "outputnode", "other_out_files") == [("apply_mask", "out_file")]
+    fed = {
+        dst
+        for _, _, data in wf._graph.out_edges(wf.get_node("outputnode"), data=True)
+        for _, dst in data["connect"]
+    }
+    assert fed == {f"inputnode.{field}" for field in sink.destinations}
 
 
 def test_mgz_and_o_without_suffix_name_the_outputs():

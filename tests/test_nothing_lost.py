@@ -28,6 +28,8 @@ from mideface_nipype.cli import mideface as cli
 from mideface_nipype.cli import mideface_eval as eval_cli
 from mideface_nipype.engine import fill, register
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import GridImage
+from mideface_nipype.workflows import base, outputs
 
 #: The real 2 mm head (IXI, uint8 with scl_slope, BIDS-named in the copies).
 HEAD = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
@@ -99,10 +101,10 @@ def refused(argv: list, capsys, inputs: list[Path], *expected: str, elapsed_s: f
 def no_engine(monkeypatch):
     """Refusals must come before the workflow starts."""
 
-    def engine(*_):
+    def engine(*_, **__):
         raise AssertionError("the workflow ran")
 
-    monkeypatch.setattr(cli, "_run_workflow", engine)
+    monkeypatch.setattr(base, "run_workflow", engine)
 
 
 @pytest.fixture
@@ -365,13 +367,21 @@ def test_bad_companion_files_are_refused_before_the_run(tmp_path, capsys, head, 
 # ----------------------------------------------------------------------------- failing runs
 
 
-def _fake_outputs(shared_run) -> dict:
-    """The shared run's files as the outputs of a workflow (for publishing without the engine)."""
-    od = shared_run["od"]
-    keys = {name.format(s=".mgz"): key for name, key in cli.ODIR_FILES.items()}
-    outputs = {key: str(od / name) for name, key in keys.items()}
-    outputs["out_file"] = str(od / "defaced.mgz")
-    return outputs
+def _sink_only(shared_run, before=lambda: None):
+    """``run_workflow`` running only the graph's sink (``outputs_wf``, the one the command
+    built), on the shared run's files as the engine's outputs; ``before()`` first."""
+    od, run_workflow = shared_run["od"], base.run_workflow
+    engine = {key: str(od / name.format(s=".mgz")) for name, key in outputs.ODIR_FILES.items()}
+    engine["out_file"] = str(od / "defaced.mgz")
+
+    def run(workflow, work_dir, *, n_procs=1):
+        before()
+        sink = workflow.get_node("outputs_wf")
+        for field in sink.get_node("publish").inputs.destinations:
+            setattr(sink.inputs.inputnode, field, engine[field])
+        return run_workflow(sink, work_dir, n_procs=n_procs)
+
+    return run
 
 
 @pytest.mark.slow
@@ -379,9 +389,9 @@ def _fake_outputs(shared_run) -> dict:
 def test_failure_while_publishing_leaves_no_output(
     shared_run, tmp_path, capsys, monkeypatch, head, fails
 ):
-    """A full disk part-way through publishing: nothing under a final name, the log keeps the
-    error."""
-    monkeypatch.setattr(cli, "_run_workflow", lambda *_: _fake_outputs(shared_run))
+    """A full disk part-way through publishing (by the graph's sink): nothing under a final
+    name, the log keeps the error."""
+    monkeypatch.setattr(base, "run_workflow", _sink_only(shared_run))
     calls = []
     if fails == "third copy":
         real = io.shutil.copyfile
@@ -413,7 +423,7 @@ def test_failure_while_publishing_leaves_no_output(
     assert line.removeprefix("mideface: error: ") in (od / "log" / "mideface.log").read_text()
     # the same run publishes everything when the disk has room
     monkeypatch.undo()
-    monkeypatch.setattr(cli, "_run_workflow", lambda *_: _fake_outputs(shared_run))
+    monkeypatch.setattr(base, "run_workflow", _sink_only(shared_run))
     assert run_cli(argv, capsys)[0] == 0
     assert tree(out) == {"d.mgz", "f.mgz", "d.json"}
     assert {"face.mask.mgz", "stats.json", "report.html"} <= tree(od)
@@ -436,14 +446,14 @@ def test_registration_refusals_say_what_was_seen_and_what_to_try():
     grid = np.zeros((24, 24, 24), bool)
     grid[4:20, 4:20, 4:20] = True
     image = rng.random(grid.shape).astype(np.float32)
-    args = (image, np.eye(4), grid, image, np.eye(4))
+    head = GridImage(image, np.eye(4), grid)
     shifted = np.eye(4)
     shifted[0, 3] = 30.0
     with pytest.raises(register.RegistrationError) as dice:
-        register.check_registration(*args, grid, shifted)
+        register.check_registration(head, head, shifted)
     with pytest.raises(register.RegistrationError) as pose:
         noise = rng.random(grid.shape).astype(np.float32)
-        register.check_registration(image, np.eye(4), grid, noise, np.eye(4), grid, np.eye(4))
+        register.check_registration(head, GridImage(noise, np.eye(4), grid), np.eye(4))
     for err, seen in ((dice, "Dice 0.00"), (pose, "pose ratio")):
         message = str(err.value)
         assert seen in message and "nothing was defaced" in message
@@ -728,11 +738,10 @@ def test_o_without_suffix_is_said_to_be_a_folder_before_the_run(
 ):
     said = []
 
-    def workflow(*_):
+    def before():
         said.append(capsys.readouterr().err)
-        return _fake_outputs(shared_run)
 
-    monkeypatch.setattr(cli, "_run_workflow", workflow)
+    monkeypatch.setattr(base, "run_workflow", _sink_only(shared_run, before))
     out = tmp_path / "deface"
     assert run_cli(["--i", head, "--o", out, "--mgz", "--no-samseg"], capsys)[0] == 0
     assert f"--o {out} has no volume suffix: it is the output folder" in said[0]

@@ -16,7 +16,7 @@ from PIL import Image
 from mideface_nipype import __version__
 from mideface_nipype.cli import mideface as cli
 from mideface_nipype.reports import render, report
-from mideface_nipype.utils import io
+from mideface_nipype.utils import bids, io
 
 #: Two full runs (shared with the session, see ``runcache``), name -> (head, options, sidecar):
 #: a 2 mm IXI head stored PSR, named the BIDS way, with a sidecar, and the RAS int16 sample head
@@ -46,7 +46,7 @@ def runs() -> dict[str, Path]:
     """``mideface --pics`` on both heads; the (read-only) output folder of each."""
     out = {}
     for name, (head, options, sidecar) in RUNS.items():
-        bids_name = name if report.is_bids_name(Path(name)) else None
+        bids_name = name if bids.is_bids_name(Path(name)) else None
         out[name] = default_run(head.name, *options, name=bids_name, sidecar=sidecar)
     return out
 
@@ -186,15 +186,43 @@ def test_bids_named_input_gets_a_sidecar_and_every_output_names_the_tool(runs, t
     )
 
 
-def test_write_sidecar_merges_an_existing_one(tmp_path):
+def test_sidecar_merges_an_existing_one(tmp_path):
     image = tmp_path / "sub-02_ses-1_T2w.nii.gz"
-    assert report.is_bids_name(image) and not report.is_bids_name(tmp_path / "T1.nii.gz")
+    assert bids.is_bids_name(image) and not bids.is_bids_name(tmp_path / "T1.nii.gz")
     (tmp_path / "sub-02_ses-1_T2w.json").write_text('{"EchoTime": 0.1, "Description": "raw"}')
-    path = report.write_sidecar(image, options={"seed": 7}, face_mask_path="/elsewhere/m.nii")
-    meta = json.loads(path.read_text())
-    assert meta["EchoTime"] == 0.1 and meta["Description"].startswith("defaced by mideface")
+    text = report.sidecar_text(image, options={"seed": 7}, face_mask_path="/elsewhere/m.nii")
+    meta = json.loads(text)
+    assert list(meta) == ["EchoTime", "Description", "Defacing"]  # the one sidecar schema
+    assert meta["EchoTime"] == 0.1 and meta["Description"] == report.DEFACED_DESCRIPTION
     assert meta["Defacing"]["FaceMask"] == "/elsewhere/m.nii"
     assert meta["Defacing"]["Options"] == {"seed": 7}
+
+
+def test_stats_sections_are_named_once_and_kept_in_order():
+    """``stats.json`` from records by section name: the schema's order whatever the order
+    given, the per-contrast sections as lists, the seconds totalled, an unknown name refused."""
+    records = {
+        "pics": {"seconds": 0.25},
+        "apply": [{"in_file": "a", "seconds": 1.5}, {"in_file": "b", "seconds": 0.5}],
+        "head_mask": {"seconds": 1.0, "head_ml": 3000.0},
+        "registration": {"seconds": 2.0, "head_dice": 0.95},
+    }
+    stats = report.collect_stats(records)
+    assert list(stats) == [
+        "mideface_nipype_version",
+        "head_mask",
+        "registration",
+        "apply",
+        "pics",
+        "seconds_total",
+    ]
+    assert stats["seconds_total"] == 5.25 and stats["apply"][1]["in_file"] == "b"
+    assert set(report.STATS_SECTIONS) >= set(records) and report.PER_IMAGE_SECTIONS == (
+        "coregister",
+        "apply",
+    )
+    with pytest.raises(ValueError, match="unknown stats.json sections"):
+        report.collect_stats({"fills": {}})
 
 
 def test_pics_without_odir_is_refused_before_any_work(tmp_path, capsys):

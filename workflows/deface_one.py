@@ -3,17 +3,20 @@
 
     python workflows/deface_one.py T1w.nii.gz OUT_DIR [--other T2w.nii.gz ...] [--plugin MultiProc]
 
-The same graph the ``mideface`` command runs, driven from Python: build it with
-``init_mideface_wf``, set ``inputnode``, run with any Nipype plugin, read ``outputnode``.
+The same graph the ``mideface`` command runs, driven from Python: name the outputs with
+``odir_outputs`` (``mideface --odir``'s names), build the graph with ``init_mideface_wf``, run it
+with any Nipype plugin; its last node publishes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from mideface_nipype.workflows.base import init_mideface_wf, workflow_outputs
+from mideface_nipype.engine.exclusion import DEFAULT_XMASK_SOURCE
+from mideface_nipype.utils.io import split_suffix
+from mideface_nipype.workflows.base import init_mideface_wf
+from mideface_nipype.workflows.outputs import DEFACED_FILE, odir_outputs
 
 
 def main() -> None:
@@ -27,16 +30,25 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, default=2)
     args = parser.parse_args()
 
-    wf = init_mideface_wf(name="deface_one", other_contrasts=[str(p.resolve()) for p in args.other])
-    wf.inputs.inputnode.in_file = str(args.in_file.resolve())
+    suffix = split_suffix(args.in_file)[1]
+    outputs = odir_outputs(
+        args.in_file,
+        out_file=args.out_dir / DEFACED_FILE.format(s=suffix),
+        odir=args.out_dir,
+        suffix=suffix,
+        other_files=args.other,
+        segmentation=DEFAULT_XMASK_SOURCE == "segment",
+        reads=[args.in_file, *args.other],
+    )
+    wf = init_mideface_wf(
+        name="deface_one",
+        in_file=args.in_file.resolve(),
+        other_contrasts=[str(p.resolve()) for p in args.other],
+        outputs=outputs,
+    )
     wf.base_dir = str((args.out_dir / "work").resolve())
     plugin_args = {"n_procs": args.nprocs} if args.plugin == "MultiProc" else {}
-    outputs = workflow_outputs(wf, wf.run(plugin=args.plugin, plugin_args=plugin_args))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for key in ("out_file", "face_mask", "exclusion_mask", "stats"):
-        shutil.copy(outputs[key], args.out_dir / Path(outputs[key]).name)
-    for path in outputs.get("other_out_files") or []:
-        shutil.copy(path, args.out_dir / Path(path).name)
+    wf.run(plugin=args.plugin, plugin_args=plugin_args)
     print(f"defaced: {args.out_dir}")
 
 

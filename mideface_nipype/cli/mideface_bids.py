@@ -16,8 +16,18 @@ import uuid
 from pathlib import Path
 
 from mideface_nipype import __version__
+from mideface_nipype.cli.common import (
+    Parser,
+    add_engine_options,
+    close_logging,
+    configure_nipype,
+    engine_options,
+    error_line,
+    number,
+    setup_logging,
+)
 
-LOGGER = logging.getLogger("mideface")
+LOGGER = logging.getLogger("mideface_nipype.cli.mideface_bids")  # also as __main__
 
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph")
 #: Seconds between two looks at the SLURM queue while SLURMGraph jobs run.
@@ -51,11 +61,9 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype.cli.mideface import _number, _Parser
-    from mideface_nipype.engine import fill
     from mideface_nipype.utils import io
 
-    p = _Parser(
+    p = Parser(
         prog="mideface-bids",
         description="Deface each subject/session of a BIDS dataset: the T1w with MiDeFace, and "
         "every other anatomical image of the session (T2w, FLAIR, PD, ...) with the T1w's face "
@@ -83,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-gb",
-        type=_number(float, 0, inclusive=False),
+        type=number(float, 0, inclusive=False),
         default=io.DEFAULT_MAX_GB,
         metavar="GB",
         help="refuse an image whose run would need more memory, from its header "
@@ -96,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--nprocs",
-        type=_number(int, 1),
+        type=number(int, 1),
         default=os.cpu_count() or 1,
         help="processes for MultiProc (default: all cores)",
     )
@@ -108,48 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Nipype's working folder, kept for resuming (default ./work; on a cluster it must "
         "be on a shared file system)",
     )
-    how = p.add_argument_group("defacing")
-    how.add_argument(
-        "--seed",
-        type=_number(int, 0),
-        default=fill.DEFAULT_SEED,
-        help=f"noise-fill seed (default {fill.DEFAULT_SEED}); same data and seed, same bytes",
-    )
-    xmask = how.add_mutually_exclusive_group()
-    xmask.add_argument(
-        "--samseg",
-        dest="xmask_source",
-        action="store_const",
-        const="segment",
-        help="exclusion mask from the SAMSEG-style segmentation (brain, skull, eyes); without "
-        "either option, the package default (as `mideface`)",
-    )
-    xmask.add_argument(
-        "--no-samseg",
-        dest="xmask_source",
-        action="store_const",
-        const="atlas",
-        help="exclusion mask from the atlas brain and eyes only (faster)",
-    )
-    how.add_argument("--no-ears", dest="ears", action="store_false", help="leave the ears")
-    how.add_argument("--forehead", action="store_true", help="deface the forehead too")
-    how.add_argument(
-        "--regheader",
-        action="store_true",
-        help="the images of a session share the T1w's scanner space: no registration",
-    )
-    add_engine_options(p, how, xmask)
-    p.add_argument("-v", "--verbose", action="store_true", help="Nipype's own messages too")
-    p.add_argument("--version", action="version", version=f"mideface-nipype {__version__}")
-    return p
-
-
-def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
-    """The options of ``mideface`` that a dataset run passes to every session's engine, and
-    the selection of images (``--bids-filter-file``)."""
-    from mideface_nipype.cli.mideface import _number
-    from mideface_nipype.engine import bracket, fill
-
     p.add_argument(
         "--bids-filter-file",
         type=Path,
@@ -159,36 +125,23 @@ def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
         'suffix, values are labels, lists, null (absent) or "*" (present); "t1w" may name '
         'the reference\'s suffix ("suffix": "UNIT1")',
     )
-    how.add_argument("--back-of-head", action="store_true", help="deface the back of the head")
-    how.add_argument(
-        "--fill-const",
-        nargs=2,
-        type=float,
-        metavar=("IN", "OUT"),
-        help="fill with constants instead of noise (inside, outside the template)",
+    p.add_argument(
+        "--regheader",
+        action="store_true",
+        help="the images of a session share the T1w's scanner space: no registration",
     )
-    how.add_argument("--fill-zero", action="store_true", help="same as --fill-const 0 0")
-    how.add_argument(
-        "--ripple",
-        nargs="*",
-        type=_number(float, 0, inclusive=False),
-        metavar="AMP PERIOD",
-        help=f"ripple the template surface (default amplitude {bracket.RIPPLE_AMP_MM} mm, "
-        f"period {bracket.RIPPLE_PERIOD_MM} mm)",
-    )
-    how.add_argument(
-        "--statframe",
-        type=_number(int, 0),
-        default=fill.STAT_FRAME,
-        help=f"frame of a 4-D image used for the fill statistics (default {fill.STAT_FRAME})",
-    )
-    how.add_argument(
+    p.add_argument(
         "--atlas",
         type=Path,
         metavar="DIR",
         help="another atlas folder (as the package's atlas/: head, surface, priors)",
     )
-    xmask.add_argument(
+    protection, source = add_engine_options(
+        p,
+        pics_help="pictures of each face before and after defacing, outlined slices and the "
+        "dist-to-face check, in each session's report and sub-<label>.html",
+    )
+    source.add_argument(
         "--xmask",
         type=Path,
         metavar="DIR",
@@ -196,7 +149,7 @@ def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
         "DIR/sub-01/anat/sub-01_desc-exclusion_mask.nii.gz on the T1w's grid (an earlier "
         "run's, edited); voxels > 0.5 are never modified",
     )
-    how.add_argument(
+    protection.add_argument(
         "--init-reg",
         type=Path,
         metavar="DIR",
@@ -204,39 +157,16 @@ def add_engine_options(p: argparse.ArgumentParser, how, xmask) -> None:
         "sub-01_from-T1w_to-mideface_mode-image_xfm.txt (4x4 RAS, T1w mm -> atlas mm; an "
         "earlier run's)",
     )
-    p.add_argument(
-        "--pics",
-        action="store_true",
-        help="pictures of each face before and after defacing, outlined slices and the "
-        "dist-to-face check, in each session's report and sub-<label>.html",
-    )
+    p.add_argument("-v", "--verbose", action="store_true", help="Nipype's own messages too")
+    p.add_argument("--version", action="version", version=f"mideface-nipype {__version__}")
+    return p
 
 
-def engine_options(args) -> dict:
-    """``init_bids_wf`` keywords from the command line (``mideface``'s rules)."""
+def bids_engine_options(args) -> dict:
+    """``init_bids_wf`` keywords from the command line (``mideface``'s rules, and ``--atlas``)."""
     from mideface_nipype.utils import io
 
-    options = {
-        "seed": args.seed,
-        "ears": args.ears,
-        "forehead": args.forehead,
-        "back_of_head": args.back_of_head,
-        "regheader": args.regheader,
-        "pics": args.pics,
-        "stat_frame": args.statframe,
-    }
-    if args.xmask:
-        options["xmask_source"] = "user"
-    elif args.xmask_source:
-        options["xmask_source"] = args.xmask_source
-    fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
-    if fill_const:
-        options["fill_const"] = tuple(fill_const)
-    if args.ripple is not None:
-        if len(args.ripple) > 2:
-            raise io.InputError(f"--ripple takes AMP and PERIOD at most, not {len(args.ripple)}")
-        options["ripple"] = True
-        options |= dict(zip(("ripple_amp_mm", "ripple_period_mm"), args.ripple, strict=False))
+    options = engine_options(args) | {"regheader": args.regheader}
     if args.atlas:
         if not args.atlas.is_dir():
             raise io.InputError(f"{args.atlas}: atlas folder not found")
@@ -267,25 +197,8 @@ def build_workflow(args, sessions, bids_dir: Path, output_dir: Path, inputs: dic
         output_dir=output_dir,
         in_place=args.in_place,
         **(session_inputs(args, sessions) if inputs is None else inputs),
-        **engine_options(args),
+        **bids_engine_options(args),
     )
-
-
-def _setup_logging(work_dir: Path, verbose: bool) -> None:
-    from nipype import config
-    from nipype import logging as nlogging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s mideface-bids: %(message)s", "%H:%M:%S"))
-    LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(logging.INFO)
-    config.set("execution", "crashfile_format", "txt")
-    config.set("execution", "crashdump_dir", str(work_dir / "crash"))
-    # one subject's failure must not stop the others
-    config.set("execution", "stop_on_first_crash", "false")
-    config.set("execution", "remove_unnecessary_outputs", "false")
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        nlogging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 def plugin_settings(plugin: str, plugin_args_json: str, nprocs: int) -> tuple[dict, str | None]:
@@ -332,8 +245,6 @@ def wait_for_slurm_jobs(tag: str, poll_s: float = SLURM_POLL_S) -> None:
 
 def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
     """{node hierarchy: one-line reason} from Nipype's text crash files written since ``since``."""
-    from mideface_nipype.cli.mideface import _error_line
-
     reasons = {}
     for crash in crash_dir.glob("crash-*.txt"):
         if crash.stat().st_mtime < since:
@@ -341,7 +252,7 @@ def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
         text = crash.read_text(errors="replace")
         lines = [ln for ln in text.splitlines() if ln.startswith("Node:")]
         node = lines[0].split(":", 1)[1].strip() if lines else ""
-        reasons[node] = _error_line(RuntimeError(text))
+        reasons[node] = error_line(RuntimeError(text))
     return reasons
 
 
@@ -402,14 +313,16 @@ def run(args) -> int:
 def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
     from mideface_nipype.utils import bids
 
-    _setup_logging(work_dir, args.verbose)
+    setup_logging("mideface-bids", args.verbose)
+    # one subject's failure must not stop the others
+    configure_nipype(stop_on_first_crash=False, crashdump_dir=work_dir / "crash")
     filters = bids.load_filters(args.bids_filter_file) if args.bids_filter_file else None
     sessions = bids.discover(bids_dir, args.participant_label, filters)
     subjects = sorted({session.subject for session in sessions})
     # every check before any work or write: inputs, the output folder's owner, existing outputs
     bids.validate(sessions, bids_dir, max_gb=args.max_gb)
     bids.check_output_folder(bids_dir, output_dir)
-    engine_options(args)  # refuses bad options now
+    bids_engine_options(args)  # refuses bad options now
     inputs = session_inputs(args, sessions)
     if args.in_place:
         sessions = bids.prepare_in_place(sessions, bids_dir, output_dir, force=args.force)
@@ -475,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         print("mideface-bids: interrupted; rerun to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - one clear line for any failure
-        from mideface_nipype.cli.mideface import _error_line
-
-        print(f"mideface-bids: error: {_error_line(err)}", file=sys.stderr)
+        print(f"mideface-bids: error: {error_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        close_logging()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from nipype.interfaces.base import (
     InputMultiObject,
     OutputMultiObject,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -105,6 +106,7 @@ class _ReportInputSpec(StepInputSpec):
     in_file = traits.Str(mandatory=True, desc="the input's path (the report's title)")
     pictures = InputMultiObject(File(exists=True), desc="pictures to embed (from Pics)")
     options = traits.Dict(desc="the options of the run, shown in the report")
+    methods = traits.Str(desc="the methods paragraph and its references (reports.methods)")
 
 
 class _ReportOutputSpec(TraitedSpec):
@@ -130,6 +132,7 @@ class Report(StepInterface):
                 options=dict(self.inputs.options) if self.inputs.options else {},
                 warnings=warnings,
                 pictures=list(self.inputs.pictures) if self.inputs.pictures else [],
+                methods=self.inputs.methods if isdefined(self.inputs.methods) else "",
             )
         )
         return runtime

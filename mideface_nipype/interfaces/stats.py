@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nipype.interfaces.base import (
-    File,
-    InputMultiObject,
-    TraitedSpec,
-)
+from nipype.interfaces.base import File, InputMultiObject, TraitedSpec, isdefined
 
-from mideface_nipype import __version__
 from mideface_nipype.interfaces._base import StepInputSpec, StepInterface, out_path, write_json
+from mideface_nipype.reports.report import PER_IMAGE_SECTIONS, STATS_SECTIONS, collect_stats
 
 
 class _CollectStatsInputSpec(StepInputSpec):
-    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="per-step JSON records")
+    """One input per section of ``stats.json`` (``report.STATS_SECTIONS``), added below."""
+
+
+for _section, _what in STATS_SECTIONS.items():
+    _CollectStatsInputSpec.add_class_trait(
+        _section,
+        InputMultiObject(File(exists=True), desc=f"JSON records of {_what}")
+        if _section in PER_IMAGE_SECTIONS
+        else File(exists=True, desc=f"JSON record of {_what}"),
+    )
 
 
 class _CollectStatsOutputSpec(TraitedSpec):
@@ -24,25 +29,20 @@ class _CollectStatsOutputSpec(TraitedSpec):
 
 
 class CollectStats(StepInterface):
-    """Merge step records (``head_mask.json`` -> section ``head_mask``) and total the seconds.
-
-    Per-volume records (those naming an ``in_file``: one per other contrast) become lists.
-    """
+    """Merge the step records, each given at the input of its section, and total the seconds."""
 
     input_spec = _CollectStatsInputSpec
     output_spec = _CollectStatsOutputSpec
 
     def _run_interface(self, runtime):
-        merged: dict = {"mideface_nipype_version": __version__}
-        total = 0.0
-        for path in self.inputs.in_files:
-            record = json.loads(Path(path).read_text())
-            total += float(record.get("seconds", 0.0))
-            key = Path(path).stem
-            if "in_file" in record:
-                merged.setdefault(key, []).append(record)
-            else:
-                merged[key] = record
-        merged["seconds_total"] = round(total, 3)
+        records = {}
+        for section in STATS_SECTIONS:
+            given = getattr(self.inputs, section)
+            if isdefined(given):
+                if section in PER_IMAGE_SECTIONS:
+                    records[section] = [json.loads(Path(p).read_text()) for p in given]
+                else:
+                    records[section] = json.loads(Path(given).read_text())
+        merged = collect_stats(records)
         self._results["out_file"] = write_json(merged, out_path(runtime, "stats.json"))
         return runtime

@@ -14,7 +14,6 @@ import base64
 import html
 import json
 import platform
-import re
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,9 +26,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from mideface_nipype import __version__
-from mideface_nipype.engine.register import apply_affine
 from mideface_nipype.reports import render
 from mideface_nipype.utils import io
+from mideface_nipype.utils.geometry import apply_affine, voxel_sizes
 
 #: Grid (mm) the skin surfaces are built on: finer heads are resampled, which keeps ``--pics`` to
 #: seconds (a 0.9 mm head gives 1.2 M triangles, 0.4 M at 1.5 mm) and still shows nose and lips.
@@ -75,8 +74,22 @@ PICTURES = {
 }
 #: Packages whose versions the report lists.
 VERSIONED = ("nipype", "nibabel", "numpy", "scipy", "antspyx", "trimesh", "scikit-image")
-#: ``sub-<label>_..._<suffix>.nii[.gz]``: an image named the BIDS way.
-BIDS_NAME = re.compile(r"^sub-[A-Za-z0-9]+_\S*\.nii(\.gz)?$")
+#: The sections of ``stats.json``, one per step record, in file order: name -> what it holds.
+#: ``CollectStats`` has one input of each name; the ``PER_IMAGE_SECTIONS`` are lists (one
+#: record per other contrast), every other section one record.
+STATS_SECTIONS = {
+    "head_mask": "HeadMask: head volume",
+    "registration": "RegisterAtlas: head-mask Dice of the atlas registration",
+    "exclusion": "Segment or AtlasExclusionMask: how the exclusion mask was made",
+    "bracket": "Bracket: compartment voxels, labels, blended bounds",
+    "fill": "Deface: fill statistics, provenance-code location",
+    "coregister": "Coregister: each other contrast's rigid registration",
+    "apply": "ApplyFaceMask: each other contrast's fill statistics",
+    "pics": "Pics: the dist-to-face check",
+}
+PER_IMAGE_SECTIONS = ("coregister", "apply")
+#: The ``Description`` of every defaced image's JSON sidecar (``--odir`` and BIDS).
+DEFACED_DESCRIPTION = f"defaced by mideface-nipype {__version__} (MiDeFace)"
 
 
 # ----------------------------------------------------------------------------- surfaces, distance
@@ -86,7 +99,7 @@ def resample_for_mesh(
     data: np.ndarray, affine: np.ndarray, voxel_mm: float = MESH_VOXEL_MM
 ) -> tuple[np.ndarray, np.ndarray]:
     """The volume on a grid no finer than ``voxel_mm`` (linear interpolation) and its affine."""
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    zooms = voxel_sizes(affine)
     step = np.maximum(1.0, voxel_mm / zooms)
     data = np.asarray(data, dtype=np.float32)
     if np.all(step == 1.0):
@@ -269,7 +282,7 @@ def outlined_slices(
     the compartments and the exclusion mask outlined; reoriented to RAS through the affine and
     shown with square ``SLICE_PIXEL_MM`` pixels whatever the voxel size."""
     ornt = nib.orientations.io_orientation(affine)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int)]
+    zooms = voxel_sizes(affine)[ornt[:, 0].astype(int)]
 
     def ras(a: np.ndarray) -> np.ndarray:
         return nib.orientations.apply_orientation(np.asarray(a), ornt)
@@ -398,7 +411,7 @@ def save_vertex_values(values: np.ndarray, path: str | Path) -> Path:
 def fov_cut_mm2(face_mask: np.ndarray, affine: np.ndarray) -> float:
     """Area (mm^2) of head tissue in the face compartments (1, 3) on the faces of the volume's
     box: the face goes on outside the field of view, where it can be neither defaced nor checked."""
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    zooms = voxel_sizes(affine)
     tissue = np.isin(np.asarray(face_mask), (1, 3))
     area = 0.0
     for axis in range(3):
@@ -486,8 +499,12 @@ def report_html(
     options: dict,
     warnings: list[str],
     pictures: list[str | Path] = (),
+    methods: str = "",
 ) -> str:
-    """The QA report as one HTML page; pictures embedded, so it opens anywhere, offline."""
+    """The QA report as one HTML page; pictures embedded, so it opens anywhere, offline.
+
+    ``methods`` (``reports.methods.methods_text``) is shown under "Methods", ready to cite.
+    """
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -517,6 +534,16 @@ def report_html(
             )
     else:
         parts.append("<p>No pictures (run with <code>--pics</code>).</p>")
+    if methods:
+        paragraph, _, references = methods.partition("\nReferences\n")
+        cited = "".join(
+            f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in references.splitlines()
+        )
+        parts += [
+            "<h2>Methods</h2>",
+            f'<p id="methods">{html.escape(paragraph.strip())}</p>',
+            f"<h3>References</h3><ul>{cited}</ul>",
+        ]
     timings = [
         (k, v["seconds"]) for k, v in stats.items() if isinstance(v, dict) and "seconds" in v
     ]
@@ -542,28 +569,9 @@ def write_report(path: str | Path, **kwargs) -> Path:
 # ----------------------------------------------------------------------------- provenance
 
 
-def is_bids_name(path: str | Path) -> bool:
-    """True for ``sub-<label>_..._<suffix>.nii[.gz]``, the images that get a JSON sidecar."""
-    return bool(BIDS_NAME.match(Path(path).name))
-
-
 def sidecar_path(image: str | Path) -> Path:
     """``.../sub-01_T1w.nii.gz`` -> ``.../sub-01_T1w.json``."""
     return Path(io.split_suffix(str(image))[0] + ".json")
-
-
-def write_sidecar(
-    defaced_path: str | Path,
-    *,
-    options: dict,
-    face_mask_path: str | Path | None = None,
-    source_path: str | Path | None = None,
-) -> Path:
-    """Write :func:`sidecar_text` next to the defaced image, atomically; return its path."""
-    text = sidecar_text(
-        defaced_path, options=options, face_mask_path=face_mask_path, source_path=source_path
-    )
-    return io.write_text_atomic(text, sidecar_path(defaced_path))
 
 
 def sidecar_text(
@@ -595,6 +603,34 @@ def sidecar_text(
         record["FaceMask"] = str(mask.relative_to(folder) if mask.is_relative_to(folder) else mask)
     if source_path is not None:
         record["Source"] = str(Path(source_path).resolve())
-    meta["Description"] = f"defaced by mideface-nipype {__version__} (MiDeFace)"
-    meta["Defacing"] = record
+    return sidecar_json(defaced_sidecar(meta, Defacing=record))
+
+
+def defaced_sidecar(meta: dict, *, description: str = DEFACED_DESCRIPTION, **fields) -> dict:
+    """The one schema of a defaced image's sidecar: the source's metadata ``meta`` (acquisition
+    fields kept), then ``Description``, then ``fields`` (``--odir``: the ``Defacing`` record;
+    BIDS: ``DefaceSeed``, ``Sources``, ``SkullStripped``, ``SpatialReference``)."""
+    return meta | {"Description": description} | fields
+
+
+def sidecar_json(meta: dict) -> str:
+    """A sidecar's text: indented JSON, one trailing newline."""
     return json.dumps(meta, indent=2, default=str) + "\n"
+
+
+def collect_stats(records: dict[str, dict | list[dict]]) -> dict:
+    """``stats.json`` from the step records by section name: the package version, the sections
+    in ``STATS_SECTIONS`` order (those absent from ``records`` left out) and the seconds total."""
+    unknown = set(records) - set(STATS_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown stats.json sections {sorted(unknown)}")
+    merged: dict = {"mideface_nipype_version": __version__}
+    total = 0.0
+    for section in STATS_SECTIONS:
+        if section in records:
+            merged[section] = records[section]
+            items = records[section] if section in PER_IMAGE_SECTIONS else [records[section]]
+            for item in items:  # one by one, in file order: the same float total as ever
+                total += float(item.get("seconds", 0.0))
+    merged["seconds_total"] = round(total, 3)
+    return merged

@@ -5,10 +5,12 @@ of BIDS, ``.bidsignore`` and fMRIPrep-style filters honoured), ``validate`` chec
 before any work, ``plan_derivatives`` / ``prepare_in_place`` decide what a run defaces (skipping
 what is already defaced, refusing to overwrite), ``defaced_name``, ``face_mask_name`` (a
 ``_dseg`` with its label table), ``exclusion_mask_name`` and ``sidecar_path`` give the
-BIDS-derivative names, ``write_session_outputs`` publishes one session's results (all or
-nothing, with sidecars, in millimetres, its report and pictures) and ``write_subject_report``
-the subject's ``sub-<label>.html``. The derivative dataset passes the official validator
-(``bids-validator-deno``). The graph that drives them lives in ``bids_workflows``.
+BIDS-derivative names, ``session_files`` where one session's results go (with sidecars, in
+millimetres, its report and pictures: ``interfaces.outputs.Publish`` writes them, all or
+nothing), ``replace_raw`` puts a defaced image over its raw one in place, and
+``write_subject_report`` writes the subject's ``sub-<label>.html``. The derivative dataset
+passes the official validator (``bids-validator-deno``). The graph that drives them lives in
+``workflows.bids``.
 
 In place, nothing can be lost: before a raw image is replaced, its original is copied to
 ``OUTPUT/sourcedata`` (fsynced) and its checksum recorded in ``sourcedata/mideface-manifest.json``
@@ -32,15 +34,13 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import nibabel as nib
-
 from mideface_nipype import __version__
 from mideface_nipype.engine import fill
 from mideface_nipype.reports import report
 from mideface_nipype.reports.slices import LABEL_COLOURS, LABEL_NAMES
 from mideface_nipype.utils import io
 
-LOGGER = logging.getLogger("mideface")
+LOGGER = logging.getLogger(__name__)
 
 #: The BIDS version whose schema the names and metadata here follow (the schema that
 #: bids-validator 3.0.2 bundles), written into the derivative dataset.
@@ -115,6 +115,9 @@ FIGURES_DIR = "figures"
 BIDSIGNORE = ("*.html", f"sub-*/{FIGURES_DIR}", "*_xfm.txt")
 #: A BIDS label: letters and digits only.
 LABEL_RE = re.compile(r"[A-Za-z0-9]+")
+#: ``sub-<label>_..._<suffix>.nii[.gz]``: an image named the BIDS way, whose defaced copy
+#: ``mideface`` gives a JSON sidecar.
+BIDS_IMAGE_RE = re.compile(rf"^sub-{LABEL_RE.pattern}_\S*\.nii(\.gz)?$")
 #: The face mask's compartments (``bracket.bracket_face``) as the rows of its ``dseg.tsv``:
 #: index, name, abbreviation, colour (as in slices.png), description.
 FACE_LABELS = (
@@ -266,6 +269,11 @@ class Session:
 
     def source(self, rel: str) -> Path:
         return self.source_root / rel
+
+
+def is_bids_name(path: str | Path) -> bool:
+    """True for ``sub-<label>_..._<suffix>.nii[.gz]``, the images that get a JSON sidecar."""
+    return bool(BIDS_IMAGE_RE.match(Path(path).name))
 
 
 def parse_name(name: str) -> tuple[list[tuple[str, str]], str, str]:
@@ -598,11 +606,6 @@ def _copy(publisher: io.Publisher, src: str | Path, dst: Path, *, mode: int | No
     publisher.copy(src, dst, mode=mode)
 
 
-def _write_json(publisher: io.Publisher, data: dict, dst: Path) -> None:
-    io.remove_stale_temps(dst)
-    publisher.write_text(_json_text(data), dst)
-
-
 def validate(
     sessions: list[Session], bids_dir: str | Path, *, max_gb: float = io.DEFAULT_MAX_GB
 ) -> None:
@@ -926,116 +929,85 @@ def _keep_original(root: Path, out: Path, rel: str, manifest: dict) -> None:
     _save_manifest(out, manifest)
 
 
-def _copy_in_mm(publisher: io.Publisher, src: str | Path, dst: Path) -> None:
-    """Publish a NIfTI copy whose header says its voxels are in millimetres (BIDS): a header
-    with unknown spatial units gets ``mm`` (what NIfTI assumes then), voxels untouched; one that
-    says so already is copied byte for byte."""
-    img = nib.load(src)
-    space_unit, time_unit = img.header.get_xyzt_units()
-    if space_unit == "mm":
-        _copy(publisher, src, dst)
-        return
-    fixed = io.like(img, io.stored_data(img))
-    fixed.header.set_xyzt_units("mm", time_unit)
-    io.remove_stale_temps(dst)
-    publisher.save_volume(fixed, dst)
+#: The workflow outputs a session publishes whose NIfTI header must say mm (BIDS).
+IN_MM_OUTPUTS = ("out_file", "face_mask", "other_out_files", "other_face_masks", "exclusion_mask")
 
 
-def write_session_outputs(
-    *,
+def session_files(
+    session: Session,
     bids_dir: str | Path,
     output_dir: str | Path,
-    reference: str,
-    others: list[str],
-    defaced: str,
-    face_mask: str,
-    exclusion_mask: str,
-    other_defaced: list[str],
-    other_face_masks: list[str],
-    transform: str | None = None,
-    report_file: str | None = None,
-    pictures: list[str] = (),
-    in_place: bool = False,
-    publish_reference: bool = True,
+    *,
+    in_place: bool,
     seed: int = fill.DEFAULT_SEED,
-) -> list[str]:
-    """Publish one session: defaced images (derivative or in place), face masks, sidecars,
-    the reference's transform, its report and pictures (``figures/``).
+    pics: bool = False,
+    segmentation: bool = False,
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Where one session's results go: ({workflow output: destination paths}, {path: text}).
 
-    Derivative files appear all or none (a failure removes those written). In place, the
-    defaced images replace the raw ones last, each after its checksum is in the manifest, with
-    the raw file's mode. Overwriting was allowed before the run (``plan_derivatives``,
-    ``prepare_in_place``). Returns the paths written.
+    The defaced images (derivatives, or in place: written over the raw ones later, not here)
+    with their sidecars, the face masks with their sidecars and label tables, and for the
+    reference its exclusion mask, transform, report and pictures (``pics``: ``report.PICTURES``;
+    ``segmentation``: ``SEGMENTATION_PICTURE``) in ``figures/``.
     """
     root, out = Path(bids_dir).resolve(), Path(output_dir).resolve()
-    provenance = {
-        "Description": f"defaced by mideface-nipype {__version__} (MiDeFace), "
-        f"face mask from {Path(reference).name}",
-        "DefaceSeed": seed,
-    }
-    reference_uri = f"bids:raw:{reference}"
-    images = [(reference, defaced, face_mask)] if publish_reference else []
-    images += zip(others, other_defaced, other_face_masks, strict=True)
-    sources = [out / ORIGINALS_DIR / rel if in_place else root / rel for rel, _, _ in images]
-    extras = [f for f in (transform, report_file, *pictures) if f]
-    work = [defaced, face_mask, exclusion_mask, *other_defaced, *other_face_masks, *extras]
-    publisher = io.Publisher([*sources, *work], force=True)
-    try:
-        for rel, image, mask in images:
-            source_uri = f"bids:raw:{rel}"
-            on_grid = {"SpatialReference": source_uri}
-            if not in_place:
-                _copy_in_mm(publisher, image, out / defaced_name(rel))
-                meta = inherited_metadata(root, rel) | provenance
-                uris = list(dict.fromkeys([source_uri, reference_uri]))  # + the face mask's
-                meta |= {"Sources": uris, "SkullStripped": False} | on_grid
-                _write_json(publisher, meta, out / sidecar_path(defaced_name(rel)))
-            mask_rel = face_mask_name(rel, reference=rel == reference)
-            _copy_in_mm(publisher, mask, out / mask_rel)
-            mask_meta = {
-                "Description": FACE_MASK_DESCRIPTION,
-                "Sources": list(dict.fromkeys([reference_uri, source_uri])),
-                "description": {"Description": LABEL_COLUMN_DESCRIPTION},  # the .tsv column
-            } | on_grid
-            _write_json(publisher, mask_meta, out / sidecar_path(mask_rel))
-            io.remove_stale_temps(out / labels_path(mask_rel))
-            publisher.write_text(face_labels_tsv(), out / labels_path(mask_rel))
-        if publish_reference:
-            xmask_rel = exclusion_mask_name(reference)
-            _copy_in_mm(publisher, exclusion_mask, out / xmask_rel)
-            xmask_meta = {
-                "Description": EXCLUSION_MASK_DESCRIPTION,
-                "Type": "ROI",
-                "Sources": [reference_uri],
-                "SpatialReference": reference_uri,
-            }
-            _write_json(publisher, xmask_meta, out / sidecar_path(xmask_rel))
-            if transform:
-                _copy(publisher, transform, out / transform_name(reference))
-            label = session_label(reference)
-            if report_file:
-                _copy(publisher, report_file, out / figure_name(label, "report.html"))
-            for picture in pictures:
-                _copy(publisher, picture, out / figure_name(label, Path(picture).name))
-    except BaseException:
-        publisher.rollback()
-        raise
-    written = [str(p) for p in publisher.written]
-    if in_place:
-        for rel, image, _ in images:
-            _replace_raw(root, out, rel, image)
-            written.append(str(root / rel))
-    return written
+    reference_uri = f"bids:raw:{session.reference}"
+    description = f"{report.DEFACED_DESCRIPTION}, face mask from {Path(session.reference).name}"
+    files: dict[str, list[str]] = {}
+    texts: dict[str, str] = {}
+    for rel in session.published:
+        is_reference = rel == session.reference
+        source_uri = f"bids:raw:{rel}"
+        on_grid = {"SpatialReference": source_uri}
+        if not in_place:
+            defaced = out / defaced_name(rel)
+            files.setdefault("out_file" if is_reference else "other_out_files", []).append(
+                str(defaced)
+            )
+            meta = report.defaced_sidecar(
+                inherited_metadata(root, rel),
+                description=description,
+                DefaceSeed=seed,
+                Sources=list(dict.fromkeys([source_uri, reference_uri])),  # + the face mask's
+                SkullStripped=False,
+                **on_grid,
+            )
+            texts[str(out / sidecar_path(defaced_name(rel)))] = _json_text(meta)
+        mask_rel = face_mask_name(rel, reference=is_reference)
+        files.setdefault("face_mask" if is_reference else "other_face_masks", []).append(
+            str(out / mask_rel)
+        )
+        mask_meta = {
+            "Description": FACE_MASK_DESCRIPTION,
+            "Sources": list(dict.fromkeys([reference_uri, source_uri])),
+            "description": {"Description": LABEL_COLUMN_DESCRIPTION},  # the .tsv column
+        } | on_grid
+        texts[str(out / sidecar_path(mask_rel))] = _json_text(mask_meta)
+        texts[str(out / labels_path(mask_rel))] = face_labels_tsv()
+    if session.publish_reference:
+        xmask_rel = exclusion_mask_name(session.reference)
+        files["exclusion_mask"] = [str(out / xmask_rel)]
+        xmask_meta = {
+            "Description": EXCLUSION_MASK_DESCRIPTION,
+            "Type": "ROI",
+            "Sources": [reference_uri],
+            "SpatialReference": reference_uri,
+        }
+        texts[str(out / sidecar_path(xmask_rel))] = _json_text(xmask_meta)
+        files["transform"] = [str(out / transform_name(session.reference))]
+        files["report"] = [str(out / figure_name(session, "report.html"))]
+        if pics:
+            files["pictures"] = [str(out / figure_name(session, name)) for name in report.PICTURES]
+        if segmentation:
+            picture = figure_name(session, SEGMENTATION_PICTURE)
+            files["segmentation_report"] = [str(out / picture)]
+    return files, texts
 
 
-def session_label(rel: str) -> str:
-    """``sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz`` -> ``sub-01_ses-pre``."""
-    entities = dict(parse_name(Path(rel).name)[0])
-    return f"sub-{entities['sub']}" + (f"_ses-{entities['ses']}" if "ses" in entities else "")
-
-
-def _replace_raw(root: Path, out: Path, rel: str, image: str) -> None:
-    """Record the defaced image's checksum, then put it over the raw image (mode kept)."""
+def replace_raw(bids_dir: str | Path, output_dir: str | Path, rel: str, image: str) -> Path:
+    """Record the defaced image's checksum, then put it over the raw image (mode kept); the
+    raw image's path."""
+    root, out = Path(bids_dir).resolve(), Path(output_dir).resolve()
     manifest = read_manifest(out)
     record = manifest["images"][rel] if manifest else {}
     kept = out / ORIGINALS_DIR / rel
@@ -1045,6 +1017,7 @@ def _replace_raw(root: Path, out: Path, rel: str, image: str) -> None:
     _save_manifest(out, manifest)
     raw = root / rel
     _copy(io.Publisher([kept, image], force=True), image, raw, mode=_file_mode(raw))
+    return raw
 
 
 def expected_outputs(
@@ -1052,19 +1025,10 @@ def expected_outputs(
 ) -> list[Path]:
     """Every file a finished session writes (to check before the run, and to tell finished
     sessions from failed ones after it); pictures (``--pics``, the segmentation's) aside."""
-    root, out = Path(bids_dir).resolve(), Path(output_dir).resolve()
-    paths = []
-    for rel in session.published:
-        if in_place:
-            paths.append(root / rel)
-        else:
-            paths += [out / defaced_name(rel), out / sidecar_path(defaced_name(rel))]
-        mask = face_mask_name(rel, reference=rel == session.reference)
-        paths += [out / mask, out / sidecar_path(mask), out / labels_path(mask)]
-    if session.publish_reference:
-        xmask = exclusion_mask_name(session.reference)
-        paths += [out / xmask, out / sidecar_path(xmask), out / transform_name(session.reference)]
-        paths.append(out / figure_name(session, "report.html"))
+    files, texts = session_files(session, bids_dir, output_dir, in_place=in_place)
+    paths = [Path(p) for dsts in files.values() for p in dsts] + [Path(p) for p in texts]
+    if in_place:
+        paths += [Path(bids_dir).resolve() / rel for rel in session.published]
     return paths
 
 

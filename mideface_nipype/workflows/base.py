@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nipype.interfaces.utility import IdentityInterface, Merge
+from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from mideface_nipype.engine.bracket import RIPPLE_AMP_MM, RIPPLE_PERIOD_MM
@@ -24,6 +24,8 @@ from mideface_nipype.interfaces import (
     Report,
     Segment,
 )
+from mideface_nipype.reports.methods import methods_text
+from mideface_nipype.workflows.outputs import Outputs, init_outputs_wf
 
 OUTPUT_FIELDS = [
     "out_file",
@@ -51,6 +53,9 @@ OUTPUT_FIELDS = [
 def init_mideface_wf(
     *,
     name: str = "mideface_wf",
+    in_file: str | Path | None = None,
+    xmask: str | Path | None = None,
+    init_transform: str | Path | None = None,
     xmask_source: str = DEFAULT_XMASK_SOURCE,
     ears: bool = True,
     forehead: bool = False,
@@ -67,30 +72,32 @@ def init_mideface_wf(
     pics: bool = False,
     omp_nthreads: int = 1,
     report_options: dict | None = None,
+    outputs: Outputs | None = None,
 ) -> pe.Workflow:
     """Deface one head MRI, and with ``other_contrasts`` its other contrasts with the same mask.
 
     ::
 
-        inputnode(in_file, xmask, init_transform)
+        inputnode(in_file, xmask, init_transform, other_files)
           -> head_mask ----------------------------+
           -> register (atlas -> subject, affine) --+--> project (atlas surface in subject mm)
           -> exclusion (segmentation | atlas priors | user xmask)
           -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
           -> deface (in_file, face mask, seed) -> out_file
           -> [pics] skin renders before/after in the atlas pose, dist-to-face (with pics)
-          -> stats (all step records) -> stats.json
+          -> stats (one named input per step record) -> stats.json
           -> report (stats, face mask, pictures) -> report.html
           -> [MapNode over other_files] coregister (other -> in_file, rigid)
                 -> apply_mask (face mask + exclusion mask resampled, statistics recomputed)
-        outputnode(out_file, face_mask, head_mask, exclusion_mask, transform, itk_transform,
-                   surface, distances, stats, other_out_files, other_face_masks,
-                   other_transforms)
+        outputnode(every output below)
+          -> [outputs] outputs_wf.publish (each file at its destinations, all or nothing;
+                                           its out_files: every file written)
 
     Inputs
     ------
     in_file
-        the head MRI to deface (NIfTI or MGZ, 3-D or 4-D, any orientation)
+        the head MRI to deface (NIfTI or MGZ, 3-D or 4-D, any orientation); the argument of
+        the same name sets it, or connect it
     xmask
         exclusion mask on the input grid (only with ``xmask_source="user"``)
     init_transform
@@ -104,17 +111,46 @@ def init_mideface_wf(
     arguments here). ``omp_nthreads`` is the number of BLAS/OpenMP threads of the numpy-heavy
     steps (segment, bracket, deface, pics): their nodes declare it as ``n_procs``, so MultiProc
     and SLURM schedule them with that many cores. ANTs steps stay at one thread (reproducible
-    registration).
+    registration). ``outputs`` (``workflows.outputs.odir_outputs`` for ``mideface``'s names,
+    ``workflows.bids.session_outputs`` for BIDS) adds the sink that publishes the outputs it
+    names: the last node of the graph.
 
     Outputs
     -------
-    out_file, face_mask, head_mask, exclusion_mask, transform (RAS text), itk_transform (ANTs),
-    surface (the atlas surface in subject mm, GIfTI), distances (JSON), stats (JSON);
-    segmentation, segmentation_report (labels and a PNG, with ``xmask_source="segment"``);
-    other_out_files, other_face_masks, other_transforms (lists, one per other contrast);
-    report (report.html: warnings, statistics, options, versions, timings; always);
-    with ``pics``: pictures (PNGs and a GIF, see ``report.PICTURES``), head_surface,
-    defaced_surface (skin surfaces, GIfTI) and dist_to_face (per-vertex distance, GIfTI)
+    out_file
+        the defaced volume: same grid, dtype, header and scaling as ``in_file``
+        (``mideface --o``, ``--odir``'s ``defaced.<ext>``)
+    face_mask
+        0 untouched, 1 tissue under the template face, 2 air under it, 3 tissue beyond it,
+        4 air beyond it (``face.mask.<ext>``)
+    head_mask
+        the head (``head.mask.<ext>``)
+    exclusion_mask
+        voxels never modified: brain, eyes (and skull, from the segmentation), or ``xmask``
+        (``exclusion.mask.<ext>``)
+    transform, itk_transform
+        subject -> atlas, a 4x4 RAS text matrix and an ANTs affine
+        (``subject_to_atlas.txt``, ``.mat``)
+    surface
+        the atlas face surface in subject mm, GIfTI (``template.surf.gii``)
+    distances
+        JSON: per face label, its inward and outward bracket distances, and the blended bounds
+        (``distances.json``)
+    stats
+        JSON: one section per step (``report.STATS_SECTIONS``), seconds (``stats.json``)
+    report
+        report.html: warnings, statistics, options, versions, timings, the methods paragraph
+        (also ``workflow.__desc__``); pictures with ``pics``
+    segmentation, segmentation_report
+        with ``xmask_source="segment"``: its labels and a PNG (``seg.<ext>``,
+        ``segmentation.png``)
+    other_out_files, other_face_masks, other_transforms
+        with ``other_contrasts``: lists, one per other contrast (``<name>_defaced.<ext>``
+        beside ``out_file``)
+    pictures, head_surface, defaced_surface, dist_to_face
+        with ``pics``: the PNGs and the GIF of ``report.PICTURES``; the skin surfaces before
+        and after (GIfTI: ``head.surf.gii``, ``head.defaced.surf.gii``); per vertex of the
+        former its distance to the defaced skin (``dist-to-face.func.gii``)
     """
     if xmask_source not in XMASK_SOURCES:
         raise ValueError(f"xmask_source must be one of {XMASK_SOURCES}, not {xmask_source!r}")
@@ -124,21 +160,24 @@ def init_mideface_wf(
         IdentityInterface(fields=["in_file", "xmask", "init_transform", "other_files"]),
         name="inputnode",
     )
+    for field, path in (("in_file", in_file), ("xmask", xmask), ("init_transform", init_transform)):
+        if path is not None:
+            setattr(inputnode.inputs, field, str(Path(path).absolute()))
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
     head_mask = pe.Node(HeadMask(), name="head_mask", mem_gb=0.5, n_procs=1)
     register = pe.Node(RegisterAtlas(**atlas), name="register", mem_gb=1.0, n_procs=1)
     project = pe.Node(ProjectSurface(**atlas), name="project", mem_gb=0.3, n_procs=1)
+    shape = {
+        "ears": ears,
+        "forehead": forehead,
+        "back_of_head": back_of_head,
+        "ripple": ripple,
+        "ripple_amp_mm": ripple_amp_mm,
+        "ripple_period_mm": ripple_period_mm,
+    }
     bracket = pe.Node(
-        Bracket(
-            ears=ears,
-            forehead=forehead,
-            back_of_head=back_of_head,
-            ripple=ripple,
-            ripple_amp_mm=ripple_amp_mm,
-            ripple_period_mm=ripple_period_mm,
-            **atlas,
-        ),
+        Bracket(**shape, **atlas),
         name="bracket",
         mem_gb=1.0,
         n_procs=omp_nthreads,
@@ -148,7 +187,6 @@ def init_mideface_wf(
     )
     if fill_const is not None:
         deface.inputs.fill_const = tuple(fill_const)
-    records = pe.Node(Merge(8, ravel_inputs=True), name="records", run_without_submitting=True)
     stats = pe.Node(CollectStats(), name="stats", run_without_submitting=True)
     options = report_options or {
         "xmask_source": xmask_source,
@@ -161,8 +199,23 @@ def init_mideface_wf(
         "regheader": regheader,
         "pics": pics,
     }
+    workflow.__desc__ = methods_text(
+        xmask_source=xmask_source,
+        **shape,
+        seed=seed,
+        fill_const=fill_const,
+        stat_frame=stat_frame,
+        atlas_dir=atlas_dir,
+        init_transform=init_transform is not None,
+        other_contrasts=bool(other_contrasts),
+        regheader=regheader,
+    )
     html = pe.Node(
-        Report(options=options), name="report", mem_gb=0.3, n_procs=1, run_without_submitting=True
+        Report(options=options, methods=workflow.__desc__),
+        name="report",
+        mem_gb=0.3,
+        n_procs=1,
+        run_without_submitting=True,
     )
 
     connections = [
@@ -175,11 +228,10 @@ def init_mideface_wf(
         (register, bracket, [("transform", "transform")]),
         (inputnode, deface, [("in_file", "in_file")]),
         (bracket, deface, [("out_file", "face_mask")]),
-        (head_mask, records, [("out_stats", "in1")]),
-        (register, records, [("out_stats", "in2")]),
-        (bracket, records, [("out_stats", "in4")]),
-        (deface, records, [("out_stats", "in5")]),
-        (records, stats, [("out", "in_files")]),
+        (head_mask, stats, [("out_stats", "head_mask")]),
+        (register, stats, [("out_stats", "registration")]),
+        (bracket, stats, [("out_stats", "bracket")]),
+        (deface, stats, [("out_stats", "fill")]),
         (deface, outputnode, [("out_file", "out_file")]),
         (bracket, outputnode, [("out_file", "face_mask"), ("out_distances", "distances")]),
         (head_mask, outputnode, [("out_file", "head_mask")]),
@@ -197,7 +249,7 @@ def init_mideface_wf(
             (inputnode, seg, [("in_file", "in_file")]),
             (head_mask, seg, [("out_file", "head_mask")]),
             (register, seg, [("transform", "transform")]),
-            (seg, records, [("out_stats", "in3")]),
+            (seg, stats, [("out_stats", "exclusion")]),
             (
                 seg,
                 outputnode,
@@ -210,7 +262,7 @@ def init_mideface_wf(
         connections += [
             (head_mask, exclusion, [("out_file", "head_mask")]),
             (register, exclusion, [("transform", "transform")]),
-            (exclusion, records, [("out_stats", "in3")]),
+            (exclusion, stats, [("out_stats", "exclusion")]),
         ]
         xmask_out = (exclusion, "out_file")
     else:
@@ -227,7 +279,7 @@ def init_mideface_wf(
             (deface, qa, [("out_file", "defaced_file")]),
             (bracket, qa, [("out_file", "face_mask")]),
             (xmask_out[0], qa, [(xmask_out[1], "xmask")]),
-            (qa, records, [("out_stats", "in8")]),
+            (qa, stats, [("out_stats", "pics")]),
             (qa, html, [("pictures", "pictures")]),
             (
                 qa,
@@ -266,8 +318,8 @@ def init_mideface_wf(
             (coregister, apply_mask, [("transform", "transform")]),
             (bracket, apply_mask, [("out_file", "face_mask")]),
             (xmask_out[0], apply_mask, [(xmask_out[1], "xmask")]),
-            (coregister, records, [("out_stats", "in6")]),
-            (apply_mask, records, [("out_stats", "in7")]),
+            (coregister, stats, [("out_stats", "coregister")]),
+            (apply_mask, stats, [("out_stats", "apply")]),
             (
                 apply_mask,
                 outputnode,
@@ -276,51 +328,23 @@ def init_mideface_wf(
             (coregister, outputnode, [("transform", "other_transforms")]),
         ]
     connections.append((inputnode, register, [("init_transform", "init_transform")]))
+    if outputs is not None:
+        outputs_wf = init_outputs_wf(outputs)
+        connections += [
+            (outputnode, outputs_wf, [(f, f"inputnode.{f}") for f in outputs.destinations]),
+        ]
     workflow.connect(connections)
     return workflow
 
 
-def run_mideface_wf(
-    in_file: str | Path,
-    work_dir: str | Path,
-    *,
-    xmask: str | Path | None = None,
-    init_transform: str | Path | None = None,
-    n_procs: int = 1,
-    **options,
-) -> dict:
-    """Deface ``in_file`` with ``init_mideface_wf(**options)`` run in ``work_dir``; its outputs.
-
-    The one way the ``mideface`` command and ``mideface_nipype.deface`` run the graph, so that
-    both give the same bytes. ``n_procs`` > 1 runs it on MultiProc.
-    """
+def run_workflow(workflow: pe.Workflow, work_dir: str | Path, *, n_procs: int = 1):
+    """Run ``workflow`` in ``work_dir`` (its crash files too): on MultiProc with ``n_procs`` > 1,
+    else Linear. The one way the ``mideface`` command and ``mideface_nipype.deface`` run it."""
     from nipype import config
 
     work_dir = Path(work_dir).resolve()
-    workflow = init_mideface_wf(**options)
-    workflow.inputs.inputnode.in_file = str(Path(in_file).resolve())
-    if xmask is not None:
-        workflow.inputs.inputnode.xmask = str(Path(xmask).resolve())
-    if init_transform is not None:
-        workflow.inputs.inputnode.init_transform = str(Path(init_transform).resolve())
     workflow.base_dir = str(work_dir)
     config.set("execution", "crashdump_dir", str(work_dir))
     if n_procs > 1:
-        graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
-    else:
-        graph = workflow.run(plugin="Linear")
-    return workflow_outputs(workflow, graph)
-
-
-def workflow_outputs(workflow: pe.Workflow, graph) -> dict:
-    """Values that reached ``outputnode`` in a finished run (Nipype prunes identity nodes)."""
-    results = {node.name: node.result.outputs for node in graph.nodes()}
-    outputnode = workflow.get_node("outputnode")
-    values = {}
-    for src, _, data in workflow._graph.in_edges(outputnode, data=True):
-        for src_field, dst_field in data["connect"]:
-            if src.name == "inputnode":
-                values[dst_field] = getattr(workflow.inputs.inputnode, src_field)
-            else:
-                values[dst_field] = getattr(results[src.name], src_field)
-    return values
+        return workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
+    return workflow.run(plugin="Linear")
