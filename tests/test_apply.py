@@ -107,9 +107,14 @@ def test_apply_standalone_matches_regheader(chris_run, tmp_path, capsys):
             str(chris_run / "face.mask.nii.gz"),
             "regheader",
             str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
         ]
     )
     assert code == 0
+    # one ApplyFaceMask node and the sink published OUT (init_apply_wf), no hand-written path
+    node_dirs = {p.name for p in (tmp_path / "work" / "apply_wf").rglob("*") if p.is_dir()}
+    assert {"apply_mask", "publish"} <= node_dirs
     after = io.stored_data(nib.load(out))
     before = io.stored_data(nib.load(HEADS_DIR / "chris_PD.nii.gz"))
     assert np.count_nonzero(after != before) > 5_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import signal
@@ -241,12 +242,15 @@ def run_check(args) -> int:
 
 
 def run_apply(args) -> int:
-    """FreeSurfer's ``--apply VOL FACEMASK REG OUT``."""
+    """FreeSurfer's ``--apply VOL FACEMASK REG OUT``: every input checked, then a graph of one
+    ``ApplyFaceMask`` node and the sink that publishes ``OUT`` (``init_apply_wf``)."""
     import numpy as np
 
-    from mideface_nipype.engine import apply, register
+    from mideface_nipype.engine import register
     from mideface_nipype.reports import report
     from mideface_nipype.utils import bids, io
+    from mideface_nipype.workflows.base import init_apply_wf, run_workflow
+    from mideface_nipype.workflows.outputs import Outputs
 
     vol, facemask, out = Path(args.apply[0]), Path(args.apply[1]), Path(args.apply[3])
     reg = args.apply[2]
@@ -254,13 +258,22 @@ def run_apply(args) -> int:
     reads += ([] if reg == "regheader" else [Path(reg)]) + (
         [Path(args.xmask)] if args.xmask else []
     )
-    publisher = io.Publisher(reads, force=args.force)
     if not io.split_suffix(out)[1]:
         raise io.OutputError("unknown volume format; end it with .nii.gz, .nii or .mgz", path=out)
-    sidecar = bids.is_bids_name(vol)
-    publisher.check_all([out] + ([report.sidecar_path(out)] if sidecar else []))
-    img = io.load_volume(vol, max_gb=args.max_gb)
-    mask_img = io.load_volume(facemask, max_gb=args.max_gb)
+    texts = {}
+    if bids.is_bids_name(vol):
+        texts[str(report.sidecar_path(out))] = report.sidecar_text(
+            out, options=_options(args), face_mask_path=facemask, source_path=vol
+        )
+    outputs = Outputs(
+        destinations={"out_file": [str(out)]},
+        texts=texts,
+        reads=tuple(str(p) for p in reads),
+        force=args.force,
+    )
+    io.Publisher(reads, force=args.force).check_all(outputs.paths)
+    io.load_volume(vol, max_gb=args.max_gb)
+    io.load_volume(facemask, max_gb=args.max_gb)
     if reg == "regheader":
         matrix = None
     elif reg.endswith(".txt"):
@@ -269,33 +282,36 @@ def run_apply(args) -> int:
         raise io.InputError("registration file not found", path=reg)
     else:
         matrix = register.ants_transform_to_ras(reg)
-    xmask = np.asarray(io.load_volume(args.xmask).dataobj) if args.xmask else None
-    with io.locked(out, "output"):
+    if args.xmask:
+        io.load_volume(args.xmask)
+    work = Path(args.work_dir) if args.work_dir else None
+    with io.maybe_locked(work, "work folder"), io.locked(out, "output"):
         setup_logging("mideface", args.verbose, Path(args.log) if args.log else None)
         configure_nipype(stop_on_first_crash=True)
-        fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
-        data, _, stats = apply.apply_face_mask(
-            io.stored_data(img),
-            img.affine,
-            np.asarray(mask_img.dataobj),
-            mask_img.affine,
-            target_to_mask=matrix,
-            xmask=xmask,
-            seed=args.seed,
-            fill_const=io.to_stored(img, fill_const) if fill_const else None,
-            stat_frame=args.statframe,
-        )
+        scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
         try:
-            publisher.save_volume(io.like(img, data, descrip=io.defaced_descrip()), out)
-            if sidecar:
-                text = report.sidecar_text(
-                    out, options=_options(args), face_mask_path=facemask, source_path=vol
-                )
-                publisher.write_text(text, report.sidecar_path(out))
-        except BaseException:
-            publisher.rollback()
-            raise
-    LOGGER.info("applied %s to %s -> %s (%d face voxels)", facemask, vol, out, stats.n1)
+            transform = None
+            if matrix is not None:  # the ITK/ANTs file as the RAS text the node reads
+                transform = scratch / "vol_to_facemask.txt"
+                np.savetxt(transform, matrix)
+            fill_const = (0.0, 0.0) if args.fill_zero else args.fill_const
+            workflow = init_apply_wf(
+                in_file=vol.resolve(),
+                face_mask=facemask.resolve(),
+                outputs=outputs,
+                transform=transform,
+                xmask=Path(args.xmask).resolve() if args.xmask else None,
+                seed=args.seed,
+                fill_const=fill_const,
+                stat_frame=args.statframe,
+            )
+            graph = run_workflow(workflow, scratch)
+            (node,) = [n for n in graph.nodes() if n.name == "apply_mask"]
+            stats = json.loads(Path(node.result.outputs.out_stats).read_text())
+        finally:
+            if work is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    LOGGER.info("applied %s to %s -> %s (%d face voxels)", facemask, vol, out, stats["n1"])
     return 0
 
 

@@ -337,6 +337,66 @@ def init_mideface_wf(
     return workflow
 
 
+def init_apply_wf(
+    *,
+    in_file: str | Path,
+    face_mask: str | Path,
+    outputs: Outputs,
+    transform: str | Path | None = None,
+    xmask: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    fill_const: tuple[float, float] | None = None,
+    stat_frame: int = STAT_FRAME,
+    name: str = "apply_wf",
+) -> pe.Workflow:
+    """Deface ``in_file`` with a face mask made before (FreeSurfer's ``--apply``).
+
+    ::
+
+        apply_mask (in_file, face_mask, transform, xmask) -> outputs_wf (Publish)
+        outputnode(out_file, face_mask, stats)
+
+    ``transform`` is a 4x4 RAS text matrix, ``in_file`` mm -> ``face_mask`` mm (None: the same
+    scanner space); ``xmask`` an exclusion mask on the face mask's grid. ``outputs`` says where
+    ``out_file`` (and any sidecar) is published.
+
+    Outputs
+    -------
+    out_file
+        the defaced volume: ``in_file``'s grid, dtype, header and scaling
+    face_mask
+        the face mask resampled onto ``in_file``'s grid
+    stats
+        JSON: the compartment statistics of ``in_file``, seconds
+    """
+    workflow = pe.Workflow(name=name)
+    apply_mask = pe.Node(
+        ApplyFaceMask(in_file=str(in_file), face_mask=str(face_mask), seed=seed),
+        name="apply_mask",
+        mem_gb=0.5,
+        n_procs=1,
+    )
+    apply_mask.inputs.stat_frame = stat_frame
+    for field, value in (("transform", transform), ("xmask", xmask), ("fill_const", fill_const)):
+        if value is not None:
+            setattr(apply_mask.inputs, field, tuple(value) if field == "fill_const" else str(value))
+    outputnode = pe.Node(
+        IdentityInterface(fields=["out_file", "face_mask", "stats"]), name="outputnode"
+    )
+    sink = init_outputs_wf(outputs)
+    workflow.connect(
+        [
+            (apply_mask, sink, [("out_file", "inputnode.out_file")]),
+            (
+                apply_mask,
+                outputnode,
+                [("out_file", "out_file"), ("face_mask", "face_mask"), ("out_stats", "stats")],
+            ),
+        ]
+    )
+    return workflow
+
+
 def run_workflow(workflow: pe.Workflow, work_dir: str | Path, *, n_procs: int = 1):
     """Run ``workflow`` in ``work_dir`` (its crash files too): on MultiProc with ``n_procs`` > 1,
     else Linear. The one way the ``mideface`` command and ``mideface_nipype.deface`` run it."""
