@@ -40,6 +40,20 @@ def number(kind: type, low: float, *, inclusive: bool = True):
     return parse
 
 
+def add_max_gb_option(group, refuses: str) -> None:
+    """``--max-gb``: the memory bound checked from each header before any work; ``refuses``
+    says what is refused, the default is appended."""
+    from mideface_nipype.utils.io import DEFAULT_MAX_GB
+
+    group.add_argument(
+        "--max-gb",
+        type=number(float, 0, inclusive=False),
+        default=DEFAULT_MAX_GB,
+        metavar="GB",
+        help=f"{refuses} (default {DEFAULT_MAX_GB:g})",
+    )
+
+
 def add_engine_options(parser: argparse.ArgumentParser, *, pics_help: str):
     """The defacing options both commands pass to the engine, in the groups "what to deface",
     "how to fill", "protection" and "quality control"; ``pics_help`` says where ``--pics`` puts

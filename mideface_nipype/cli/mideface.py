@@ -17,6 +17,7 @@ from mideface_nipype import __version__
 from mideface_nipype.cli.common import (
     Parser,
     add_engine_options,
+    add_max_gb_option,
     close_logging,
     configure_nipype,
     engine_options,
@@ -59,7 +60,6 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype.utils import io
 
     p = Parser(
         prog="mideface",
@@ -112,13 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_group.add_argument(
         "--force", action="store_true", help="overwrite existing outputs (never an input)"
     )
-    io_group.add_argument(
-        "--max-gb",
-        type=number(float, 0, inclusive=False),
-        default=io.DEFAULT_MAX_GB,
-        metavar="GB",
-        help="refuse, from its header, a volume whose run would need more memory than this "
-        f"(default {io.DEFAULT_MAX_GB:g})",
+    add_max_gb_option(
+        io_group, "refuse, from its header, a volume whose run would need more memory than this"
     )
 
     prot, _ = add_engine_options(

@@ -19,6 +19,7 @@ from mideface_nipype import __version__
 from mideface_nipype.cli.common import (
     Parser,
     add_engine_options,
+    add_max_gb_option,
     close_logging,
     configure_nipype,
     engine_options,
@@ -61,7 +62,6 @@ examples
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mideface_nipype.utils import io
 
     p = Parser(
         prog="mideface-bids",
@@ -89,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite existing outputs, and deface images that are defaced already",
     )
-    p.add_argument(
-        "--max-gb",
-        type=number(float, 0, inclusive=False),
-        default=io.DEFAULT_MAX_GB,
-        metavar="GB",
-        help="refuse an image whose run would need more memory, from its header "
-        f"(default {io.DEFAULT_MAX_GB:g})",
-    )
+    add_max_gb_option(p, "refuse an image whose run would need more memory, from its header")
     run = p.add_argument_group("execution")
     run.add_argument("--plugin", choices=PLUGINS, default="MultiProc", help="Nipype plugin")
     run.add_argument(

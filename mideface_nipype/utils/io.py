@@ -256,13 +256,7 @@ def mask_image(data: np.ndarray, reference: nib.spatialimages.SpatialImage) -> n
 def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
     """Save so that ``path`` either holds the complete file or is untouched (temp file + rename)."""
     path = Path(path)
-    _, suffix = split_suffix(path)
-    if not suffix:
-        raise InputError(
-            f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=path
-        )
-    if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
-        img = _to_mgh(img)
+    img, suffix = _in_format(img, path, InputError)
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
     return path
@@ -270,6 +264,19 @@ def save_atomic(img: nib.spatialimages.SpatialImage, path: str | Path) -> Path:
 
 #: The voxel types an MGH file can hold, smallest first.
 MGH_DTYPES = (np.uint8, np.int16, np.int32, np.float32)
+
+
+def _in_format(
+    img: nib.spatialimages.SpatialImage, path: str | Path, error: type[InputError]
+) -> tuple[nib.spatialimages.SpatialImage, str]:
+    """``img`` as ``path``'s suffix stores it (MGH for ``.mgz``/``.mgh``), and that suffix;
+    ``error`` naming ``path`` when the suffix is not a volume format."""
+    _, suffix = split_suffix(path)
+    if not suffix:
+        raise error(f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=path)
+    if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
+        img = _to_mgh(img)
+    return img, suffix
 
 
 def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
@@ -465,13 +472,7 @@ class Publisher:
         self, img: nib.spatialimages.SpatialImage, dst: str | Path, *, mode: int | None = None
     ) -> Path:
         """Write a volume (converted to MGH for ``.mgz``/``.mgh``) at ``dst``."""
-        _, suffix = split_suffix(dst)
-        if not suffix:
-            raise OutputError(
-                f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=dst
-            )
-        if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
-            img = _to_mgh(img)
+        img, suffix = _in_format(img, dst, OutputError)
         return self._publish(dst, mode, suffix, lambda tmp: nib.save(img, tmp))
 
     def write_text(self, text: str, dst: str | Path, *, mode: int | None = None) -> Path:

@@ -370,16 +370,20 @@ def init_apply_wf(
         JSON: the compartment statistics of ``in_file``, seconds
     """
     workflow = pe.Workflow(name=name)
+    optional = {"transform": transform, "xmask": xmask}
     apply_mask = pe.Node(
-        ApplyFaceMask(in_file=str(in_file), face_mask=str(face_mask), seed=seed),
+        ApplyFaceMask(
+            in_file=str(in_file),
+            face_mask=str(face_mask),
+            seed=seed,
+            stat_frame=stat_frame,
+            **{field: str(path) for field, path in optional.items() if path is not None},
+            **({"fill_const": tuple(fill_const)} if fill_const is not None else {}),
+        ),
         name="apply_mask",
         mem_gb=0.5,
         n_procs=1,
     )
-    apply_mask.inputs.stat_frame = stat_frame
-    for field, value in (("transform", transform), ("xmask", xmask), ("fill_const", fill_const)):
-        if value is not None:
-            setattr(apply_mask.inputs, field, tuple(value) if field == "fill_const" else str(value))
     outputnode = pe.Node(
         IdentityInterface(fields=["out_file", "face_mask", "stats"]), name="outputnode"
     )
