@@ -301,3 +301,21 @@ def test_mgz_and_o_without_suffix_name_the_outputs():
     ):
         out, odir, suffix = cli._resolve_outputs(parser.parse_args(argv), SAMPLE)
         assert (str(out), odir and str(odir), suffix) == expected, argv
+
+
+def test_relative_output_paths_are_published_where_the_user_is(tmp_path, monkeypatch):
+    """The sink runs in its node's folder: relative --o/--odir/--apply paths must still land
+    in the user's working folder, not in the work folder that is removed after the run."""
+    from mideface_nipype.workflows.outputs import odir_outputs
+
+    monkeypatch.chdir(tmp_path)
+    outputs = odir_outputs(
+        "in.nii.gz", out_file="o/defaced.nii.gz", odir="o", suffix=".nii.gz", reads=["in.nii.gz"]
+    )
+    assert all(path.is_absolute() and path.is_relative_to(tmp_path) for path in outputs.paths)
+    assert Path(outputs.together) == tmp_path / "o" and Path(outputs.reads[0]).is_absolute()
+
+    mask = default_run("dcmqa-xa30_T1w_2mm.nii.gz", "--pics") / "face.mask.nii.gz"
+    head = HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz"
+    assert cli.main(["--apply", str(head), str(mask), "regheader", "applied.nii.gz"]) == 0
+    assert (tmp_path / "applied.nii.gz").is_file()

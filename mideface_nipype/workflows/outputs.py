@@ -67,6 +67,23 @@ class Outputs:
     clear_stale: bool = False
     """Remove temp files a killed earlier run left beside a destination."""
 
+    def __post_init__(self):
+        """Every path absolute, now: the sink runs in its node's folder, where a relative path
+        would land in the work folder (and vanish with it)."""
+
+        def absolute(path: str) -> str:
+            return str(Path(path).absolute())
+
+        fields = {
+            "destinations": {k: [absolute(p) for p in v] for k, v in self.destinations.items()},
+            "texts": {absolute(p): text for p, text in self.texts.items()},
+            "reads": tuple(absolute(p) for p in self.reads),
+            "together": absolute(self.together) if self.together is not None else None,
+            "in_mm": tuple(absolute(p) for p in self.in_mm),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
     @property
     def paths(self) -> list[Path]:
         """Every file the sink writes, in order: to check before any work."""
