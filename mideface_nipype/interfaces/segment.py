@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
@@ -32,7 +31,6 @@ class _SegmentInputSpec(SubjectGridInputSpec):
 
 class _SegmentOutputSpec(TraitedSpec):
     out_labels = File(exists=True, desc="labels (0 air, 1 soft, 2 bone, 3 csf, 4 gm, 5 wm, 6 eyes)")
-    out_posteriors = File(exists=True, desc="4-D posteriors (classes in atlas order), 0-1")
     out_file = File(exists=True, desc="exclusion mask: brain + bone + eyes, dilated, in the head")
     out_report = File(exists=True, desc="PNG: three orthogonal slices with the label borders")
     out_stats = File(exists=True, desc="JSON: intracranial volume, class intensities, seconds")
@@ -67,10 +65,6 @@ class Segment(StepInterface):
             label_voxels={c: int((seg.labels == segment.SEG_LABELS[c]).sum()) for c in CLASSES},
         )
         self._results["out_labels"] = save_mask(seg.labels, img.affine, runtime, "labels.nii.gz")
-        post = nib.Nifti1Image(np.round(seg.posteriors * 255).astype(np.uint8), img.affine)
-        post.header.set_slope_inter(1 / 255, 0)
-        self._results["out_posteriors"] = out_path(runtime, "posteriors.nii.gz")
-        nib.save(post, self._results["out_posteriors"])
         self._results["out_file"] = save_mask(xmask, img.affine, runtime, "exclusion_mask.nii.gz")
         picture = label_slices(data, seg.labels, img.affine)
         zoom = max(1, int(np.ceil(QA_MIN_HEIGHT_PX / picture.shape[0])))
