@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 
 from mideface_nipype.engine.atlas import CLASSES, Atlas
 from mideface_nipype.engine.exclusion import XMASK_DILATE_VOX, finish_exclusion_mask
-from mideface_nipype.utils.geometry import resample, smooth_downsample, voxel_sizes
+from mideface_nipype.utils.geometry import smooth_downsample, voxel_sizes
 
 LOGGER = logging.getLogger(__name__)
 
@@ -471,7 +471,8 @@ def _to_input_grid(
 
     Linear weights sum to one and the fill values (air 1, others 0) are a valid posterior, so the
     result sums to one without renormalising. Grids that differ only by axis order, flips and
-    scale (the usual case) take scipy's fast separable path.
+    scale (the usual case) take scipy's fast separable path; on oblique grids only the head's
+    voxels are sampled (voxels outside the head are air).
     """
     n_classes = post_lo.shape[-1]
     out = np.zeros(head.shape + (n_classes,), dtype=np.float32)
@@ -493,6 +494,9 @@ def _to_input_grid(
     shape_t = np.array([shape_box[p] for p in perm])
     flip = scale < 0
     offset = vox[:3, 3] + np.where(flip, scale * (shape_t - 1), 0.0)
+    if not separable:  # oblique grids: sample the head's voxels only (the rest is air)
+        in_head = head[box]
+        lo_coords = lin @ np.nonzero(in_head) + vox[:3, 3:]
     for k in range(n_classes):
         cval = 1.0 if k == 0 else 0.0
         if separable:
@@ -512,9 +516,11 @@ def _to_input_grid(
                 part[tuple(slice(None, None, -1) if f else slice(None) for f in flip)],
                 np.argsort(perm),
             )
+            out[box + (k,)] = part
         else:
-            part = resample(post_lo[..., k], aff_lo, shape_box, aff_box, cval=cval)
-        out[box + (k,)] = part
+            out[box + (k,)][in_head] = ndi.map_coordinates(
+                post_lo[..., k], lo_coords, order=1, mode="constant", cval=cval, prefilter=False
+            )
     outside = ~head[box]
     view = out[box]
     view[outside] = 0.0
