@@ -9,7 +9,8 @@ pydeface average head from ``../shared/data/atlas-sources``) it runs, as whole p
 to ``--cores`` CPUs (default one), ``mideface --i HEAD --odir TMP`` and the pydeface method
 (``python -m mideface_nipype.evaluation.peers pydeface-ants``), alternating, ``--repeat`` times
 each. It reports the median wall and CPU seconds, the peak resident memory, the ratio
-ours/peer and the per-step seconds from ``stats.json``. Machines are noisy: run it on an idle
+ours/peer and the per-step seconds from ``stats.json``; then what one more contrast of the
+same head costs (``--apply-to``, ``CONTRAST_PAIRS``). Machines are noisy: run it on an idle
 machine, and compare ratios and medians, not single runs.
 
 ``--side-by-side`` measures instead how runs share the machine: per head, ``mideface --threads 1``
@@ -105,6 +106,40 @@ def side_by_side(heads: list[Path], extra: list[str]) -> list[str]:
     return rows
 
 
+#: Pairs (reference, other contrast of the same head) for the extra-contrast cost.
+CONTRAST_PAIRS = (("chris_T1w.nii.gz", "chris_PD.nii.gz"),)
+
+
+def extra_contrast(heads_dir: Path, extra: list[str], cores: int, repeat: int) -> list[str]:
+    """What one more contrast costs (``--apply-to``): the whole process against the same run
+    without it, and the coregistration and apply steps from ``stats.json``."""
+    rows = [
+        "",
+        "| reference + other contrast | process without / with s | extra s | coregister s | "
+        "apply s |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(rows), flush=True)
+    for ref_name, other_name in CONTRAST_PAIRS:
+        ref, other = heads_dir / ref_name, heads_dir / other_name
+        if not (ref.exists() and other.exists()):
+            continue
+        alone, both, coreg, apply = [], [], [], []
+        for _ in range(repeat):
+            alone.append(ours(ref, extra, cores)[0])
+            wall, _, _, stats = ours(ref, [*extra, "--apply-to", str(other)], cores)
+            both.append(wall)
+            coreg.append(stats["coregister"][0]["seconds"])
+            apply.append(stats["apply"][0]["seconds"])
+        med = [statistics.median(v) for v in (alone, both, coreg, apply)]
+        rows.append(
+            f"| {ref_name} + {other_name} | {med[0]:.1f} / {med[1]:.1f} | {med[1] - med[0]:.1f} | "
+            f"{med[2]:.1f} | {med[3]:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def peer(head: Path, cores: int) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "defaced.nii.gz")
@@ -163,6 +198,7 @@ def main() -> None:
             f"{p_cpu:.1f} | {wall / p_wall:.2f} | {cpu / p_cpu:.2f} | {steps} |"
         )
         print(rows[-1], flush=True)
+    rows += extra_contrast(args.heads, args.extra, args.cores, args.repeat)
     if args.out:
         args.out.write_text("\n".join(rows) + "\n")
 
