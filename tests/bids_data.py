@@ -10,10 +10,12 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import runcache
 from conftest import FACE_HEADS, HEADS_DIR
 from test_apply import make_second_contrast
 
@@ -75,16 +77,35 @@ def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def reference_run(base: Path) -> tuple[Path, Path]:
-    """(BIDS dir, derivatives) of one MultiProc run of ``SUBJECTS``, made once under ``base``."""
-    bids_dir, out = base / "bids", base / "multiproc"
-    if not (base / TRUTH_FILE).exists():
-        shutil.rmtree(base, ignore_errors=True)
-        truth = make_dataset(bids_dir)
+def reference_run() -> tuple[Path, Path, Path]:
+    """(base, BIDS dir, derivatives) of one MultiProc run of ``SUBJECTS``, made once per session
+    for test_bids and test_slurm, whichever xdist worker asks first (``runcache``; read-only).
+
+    Keyed by the heads, ``RUN_OPTIONS`` and this file and ``test_apply.py`` (which make the
+    dataset), besides the code version.
+    """
+
+    def build(base: Path) -> None:
+        truth = make_dataset(base / "bids")
         labels = ["--participant-label", *(subject for subject, _, _ in SUBJECTS)]
-        run_cli(bids_dir, out, "participant", *labels, *RUN_OPTIONS, "--work-dir", base / "work")
+        with tempfile.TemporaryDirectory(prefix="bids-reference-work-") as work:
+            run_cli(
+                base / "bids",
+                base / "multiproc",
+                "participant",
+                *labels,
+                *RUN_OPTIONS,
+                "--work-dir",
+                work,
+            )
         (base / TRUTH_FILE).write_text(json.dumps(truth))
-    return bids_dir, out
+
+    heads = [HEADS_DIR / head for _, _, head in SUBJECTS]
+    helpers = [Path(__file__), Path(__file__).with_name("test_apply.py")]
+    base = runcache.cached_dir(
+        "bids_reference", runcache.key("bids_reference", heads, RUN_OPTIONS, helpers), build
+    )
+    return base, base / "bids", base / "multiproc"
 
 
 def truth(base: Path) -> dict[str, np.ndarray]:

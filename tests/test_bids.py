@@ -43,10 +43,8 @@ KILL_WAIT_S = 180
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp() / "bids_reference"
-    bids_dir, out = reference_run(base)
-    return base, bids_dir, out
+def reference():
+    return reference_run()
 
 
 def _volume(path: Path, value: int = 0) -> Path:

@@ -105,8 +105,9 @@ def test_array_task_picks_its_participant_and_locks_only_it(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.getbasetemp() / "bids_reference")
+def reference():
+    _, bids_dir, multiproc = reference_run()
+    return bids_dir, multiproc
 
 
 @needs_slurm
