@@ -282,11 +282,16 @@ def test_odir_outputs_and_stats(runs):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, fresh_registrations):
+    """Two whole runs with the same seed (every registration runs: repeatable), then another
+    seed in the second run's Nipype work folder: only the fill and the nodes after it run again."""
     src = str(HEADS_DIR / "dcmqa-xa30_T1w_2mm.nii.gz")
+    work = tmp_path / "work"
     outs = []
-    for i, seed in enumerate(("53", "53", "7")):
+    runs = (("53", []), ("53", ["--work-dir", work]), ("7", ["--work-dir", work]))
+    for i, (seed, work_dir) in enumerate(runs):
         out = tmp_path / f"out{i}.nii.gz"
-        assert cli.main(["--i", src, "--o", str(out), "--seed", seed]) == 0
+        argv = ["--i", src, "--o", out, "--seed", seed, *work_dir]
+        assert cli.main([str(a) for a in argv]) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
