@@ -58,6 +58,10 @@ HERE = Path(__file__).resolve().parent
 BOX_MIN_MM = np.array([-100.0, -140.0, -130.0])
 BOX_MAX_MM = np.array([100.0, 124.0, 110.0])
 BUILD_MM = 1.0
+#: ANTs pyramid of the build's one registration (MNI -> pydeface average head, 2 mm). It keeps
+#: the full-grid level that the engine's first run leaves to its refining runs: the build has no
+#: refining run, and the committed atlas was made with this pyramid.
+MNI_PYRAMID = ((200, 200, 100), (4, 2, 1), (2, 1, 0))
 SURFACE_MM = 1.5
 HEAD_THRESHOLD = 80.0
 CLOSING_VOX = 3
@@ -164,7 +168,7 @@ def average_head_in_mni(sources: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     init[:3, 3] = geometry.centroid_mm(m2 > m2.mean(), m2_aff) - geometry.centroid_mm(
         f2 > f2.mean(), f2_aff
     )
-    mni_to_avg = register.register_affine(f2, f2_aff, m2, m2_aff, initial=init)
+    mni_to_avg = register.register_affine(f2, f2_aff, m2, m2_aff, initial=init, pyramid=MNI_PYRAMID)
     shape, affine = box_grid(BUILD_MM)
     head = geometry.resample(avg, avg_aff, shape, affine, target_to_source=mni_to_avg)
     return head, affine, mni_to_avg
