@@ -41,11 +41,8 @@ SEARCH_MM = 6.0
 SEARCH_TURN_DEG = 30.0
 #: ANTs' pyramid (iterations, shrink factors, smoothing sigmas in voxels) for the first run, and
 #: for the refining runs at the two finest levels from its result: from a start 20-30 degrees
-#: off, one run stops 2-5 mm short at the face. The first run stops at shrink 2: its full-grid
-#: level cost 2-5 s and the refining runs do that level again on the moving grid; without it the
-#: face lands within 0.4 mm of before on 9 of the 10 development heads and 1 mm closer to the
-#: skin's shape on the tenth (IXI034: median skin distance 3.73 instead of 4.25 mm).
-FULL_PYRAMID = ((200, 200), (4, 2), (2, 1))
+#: off, one run stops 2-5 mm short at the face.
+FULL_PYRAMID = ((200, 200, 100), (4, 2, 1), (2, 1, 0))
 REFINE_PYRAMID = ((200, 100), (2, 1), (1, 0))
 #: The refining runs start next to the optimum, so they stop once the metric has changed less
 #: than this over ``REFINE_WINDOW`` iterations (ANTs' convergence test) instead of running their
