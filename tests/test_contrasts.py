@@ -225,9 +225,9 @@ def test_a_failed_coregistration_names_the_other_contrast(tmp_path, monkeypatch)
     t1 = HEADS_DIR / FACE_HEADS[0]
     other = tmp_path / "sub-01_FLAIR.nii.gz"
     remap_head(t1, "FLAIR", other)
-    reference_mask = tmp_path / "head.nii.gz"
-    nib.save(head_mask(nib.load(t1)), reference_mask)
-    step = Coregister(in_file=str(other), reference=str(t1), reference_mask=str(reference_mask))
+    grid = tmp_path / "grid.nii"
+    nib.save(nib.Nifti2Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), grid)
+    step = Coregister(in_file=str(other), reference_grid=str(grid), reference_search_grid=str(grid))
     with pytest.raises(register.RegistrationError) as caught:
         step.run(cwd=str(tmp_path))
     assert str(caught.value) == f"{other}: pose ratio 0.10 < 1.2, nothing was defaced"

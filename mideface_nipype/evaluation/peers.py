@@ -60,10 +60,12 @@ def pydeface_ants(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     # pydeface defaces whatever flirt returns: the engine's registration without its refusals
     subject_to_template, _ = register.register_heads(
         GridImage(data, img.affine, np.asarray(headmask.head_mask(img).dataobj) > 0),
-        GridImage(
-            io.first_frame(template),
-            template.affine,
-            np.asarray(headmask.head_mask(template).dataobj) > 0,
+        register.head_grids(
+            GridImage(
+                io.first_frame(template),
+                template.affine,
+                np.asarray(headmask.head_mask(template).dataobj) > 0,
+            )
         ),
         min_head_dice=0.0,
         min_pose_ratio=0.0,

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, traits
 
+from mideface_nipype.utils.geometry import GridImage
 from mideface_nipype.utils.threads import limit_threads
 
 LOGGER = logging.getLogger(__name__)
@@ -59,6 +60,24 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, runtime, name: str) -> str:
     path = out_path(runtime, name)
     nib.save(nib.Nifti1Image(np.asarray(mask).astype(np.uint8), affine), path)
     return path
+
+
+def save_grid(grid: GridImage, runtime, name: str) -> str:
+    """Write a ``GridImage`` into the node's folder as two frames (image, mask); its path.
+
+    NIfTI-2, whose float64 affine reads back exactly: the next step gets the same grid.
+    """
+    path = out_path(runtime, name)
+    frames = np.stack([grid.data, grid.mask], axis=-1).astype(np.float32)
+    nib.save(nib.Nifti2Image(frames, grid.affine), path)
+    return path
+
+
+def load_grid(path: str) -> GridImage:
+    """A ``GridImage`` written by ``save_grid``."""
+    img = nib.load(path)
+    frames = np.asarray(img.dataobj, dtype=np.float32)
+    return GridImage(frames[..., 0], img.affine, frames[..., 1] > 0.5)
 
 
 def out_path(runtime, name: str) -> str:

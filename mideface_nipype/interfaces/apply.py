@@ -16,7 +16,7 @@ from mideface_nipype.engine import apply, fill, register
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
-    load_mask,
+    load_grid,
     load_matrix,
     out_path,
     save_mask,
@@ -26,13 +26,16 @@ from mideface_nipype.interfaces._base import (
 )
 from mideface_nipype.utils import io
 from mideface_nipype.utils.errors import RegistrationError
-from mideface_nipype.utils.geometry import GridImage
 
 
 class _CoregisterInputSpec(StepInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the other contrast (frame 0 is used)")
-    reference = File(exists=True, mandatory=True, desc="the reference (defaced) contrast")
-    reference_mask = File(exists=True, mandatory=True, desc="head mask of the reference")
+    reference_grid = File(
+        exists=True, mandatory=True, desc="the reference's registration grid (RegisterAtlas)"
+    )
+    reference_search_grid = File(
+        exists=True, mandatory=True, desc="the reference's pose-search grid (RegisterAtlas)"
+    )
     regheader = traits.Bool(
         False, usedefault=True, desc="the two share a scanner space: use the headers, no search"
     )
@@ -57,16 +60,12 @@ class Coregister(StepInterface):
                 matrix = np.eye(4)
             else:
                 img = io.load_volume(self.inputs.in_file)
-                ref = io.load_volume(self.inputs.reference)
+                reference = register.HeadGrids(
+                    load_grid(self.inputs.reference_grid),
+                    load_grid(self.inputs.reference_search_grid),
+                )
                 try:  # name this contrast: the run's error line would name the reference
-                    matrix, record["head_dice"] = register.coregister(
-                        img,
-                        GridImage(
-                            io.first_frame(ref),
-                            ref.affine,
-                            load_mask(self.inputs.reference_mask)[0],
-                        ),
-                    )
+                    matrix, record["head_dice"] = register.coregister(img, reference)
                 except RegistrationError as err:
                     raise RegistrationError(err.problem, path=self.inputs.in_file) from err
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "to_reference.txt"))

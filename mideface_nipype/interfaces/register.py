@@ -14,6 +14,7 @@ from mideface_nipype.interfaces._base import (
     load_mask,
     load_matrix,
     out_path,
+    save_grid,
     save_matrix,
     step,
     write_json,
@@ -33,6 +34,8 @@ class _RegisterAtlasOutputSpec(TraitedSpec):
     transform = File(exists=True, desc="4x4 RAS matrix mapping subject mm to atlas (MNI) mm")
     itk_transform = File(exists=True, desc="the same as an ITK/ANTs affine (.mat)")
     out_stats = File(exists=True, desc="JSON: head-mask Dice after registration, seconds")
+    registration_grid = File(exists=True, desc="the masked head and its mask on the 3 mm grid")
+    search_grid = File(exists=True, desc="the same on the pose search's grid")
 
 
 class RegisterAtlas(StepInterface):
@@ -48,13 +51,21 @@ class RegisterAtlas(StepInterface):
             head, _ = load_mask(self.inputs.head_mask)
             atlas = load_atlas(self.inputs.atlas_dir or None)
             init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
+            subject = GridImage(io.first_frame(img), img.affine, head)
+            # with its search grid also after --init-reg: other contrasts are searched against it
+            grids = register.head_grids(subject, self.inputs.registration_mm)
             matrix, dice = register.register_atlas(
-                GridImage(io.first_frame(img), img.affine, head),
+                subject,
                 atlas,
                 registration_mm=self.inputs.registration_mm,
                 initial=init,
+                fixed_grids=grids,
             )
         record["head_dice"] = dice
+        self._results["registration_grid"] = save_grid(
+            grids.registration, runtime, "registration_grid.nii"
+        )
+        self._results["search_grid"] = save_grid(grids.search, runtime, "search_grid.nii")
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "subject_to_atlas.txt"))
         self._results["itk_transform"] = str(
             register.ras_to_ants_transform(matrix, out_path(runtime, "subject_to_atlas.mat"))

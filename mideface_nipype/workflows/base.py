@@ -87,7 +87,8 @@ def init_mideface_wf(
           -> [pics] skin renders before/after in the atlas pose, dist-to-face (with pics)
           -> stats (one named input per step record) -> stats.json
           -> report (stats, face mask, pictures) -> report.html
-          -> [MapNode over other_files] coregister (other -> in_file, rigid)
+          -> [MapNode over other_files] coregister (other -> in_file, rigid, against the
+                                                     grids register made of in_file)
                 -> apply_mask (face mask + exclusion mask resampled, statistics recomputed)
         outputnode(every output below)
           -> [outputs] outputs_wf.publish (each file at its destinations, all or nothing;
@@ -312,8 +313,15 @@ def init_mideface_wf(
         if fill_const is not None:
             apply_mask.inputs.fill_const = tuple(fill_const)
         connections += [
-            (inputnode, coregister, [("other_files", "in_file"), ("in_file", "reference")]),
-            (head_mask, coregister, [("out_file", "reference_mask")]),
+            (inputnode, coregister, [("other_files", "in_file")]),
+            (
+                register,
+                coregister,
+                [
+                    ("registration_grid", "reference_grid"),
+                    ("search_grid", "reference_search_grid"),
+                ],
+            ),
             (inputnode, apply_mask, [("other_files", "in_file")]),
             (coregister, apply_mask, [("transform", "transform")]),
             (bracket, apply_mask, [("out_file", "face_mask")]),
