@@ -91,3 +91,21 @@ def test_resample_through_a_transform_undoes_it():
         data, moved_affine, data.shape, img.affine, target_to_source=shift, order=0
     )
     assert np.array_equal(out, data.astype(np.float32))
+
+
+def test_sample_at_head_voxels_equals_resample_there():
+    """``sample_at`` the head voxels of a target grid gives what ``resample`` gives there, through
+    a registration-like transform, and 0 outside the source grid (the pose search relies on it)."""
+    img = nib.load(HEADS_DIR / FACE_HEADS[0])
+    data = io.first_frame(img)
+    head = np.asarray(headmask.head_mask(img).dataobj) > 0
+    shape, grid = geometry.iso_grid(img.shape, img.affine, 3.0)
+    target_head = geometry.resample(head.astype(np.float32), img.affine, shape, grid) > 0.5
+    full = geometry.resample(data, img.affine, shape, grid, target_to_source=SUBJECT_TO_ATLAS)
+    points = geometry.apply_affine(
+        SUBJECT_TO_ATLAS, geometry.apply_affine(grid, np.argwhere(target_head))
+    )
+    got = geometry.sample_at(data, img.affine, points)
+    assert np.allclose(got, full[target_head], rtol=1e-5, atol=1e-3)
+    far = geometry.apply_affine(img.affine, np.array(img.shape[:3]) + 10.0)[None]
+    assert geometry.sample_at(data, img.affine, far)[0] == 0.0

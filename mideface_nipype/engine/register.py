@@ -26,6 +26,7 @@ from mideface_nipype.utils.geometry import (
     apply_affine,
     centroid_mm,
     resample,
+    sample_at,
     smooth_downsample,
 )
 from mideface_nipype.utils.io import first_frame
@@ -191,12 +192,12 @@ def search_initial_pose(fixed: GridImage, moving: GridImage, score=correlation) 
     mc = centroid_mm(moving.mask, moving.affine)
     candidates = [np.eye(4)] + [_about(rot, fc, mc) for rot in _search_rotations()]
     inside = fixed.data[fixed.mask]
-    scores = []
-    for cand in candidates:
-        warped = resample(
-            moving.data, moving.affine, fixed.data.shape, fixed.affine, target_to_source=cand
-        )
-        scores.append(score(inside, warped[fixed.mask]))
+    # only the fixed head's voxels are scored: sample the moving image there, not on the grid
+    points = apply_affine(fixed.affine, np.argwhere(fixed.mask))
+    scores = [
+        score(inside, sample_at(moving.data, moving.affine, apply_affine(cand, points)))
+        for cand in candidates
+    ]
     best = int(np.argmax(scores))
     LOGGER.info("pose search: best %d, score %.3f (header %.3f)", best, scores[best], scores[0])
     return candidates[best]
@@ -285,12 +286,11 @@ def pose_ratio(fixed: GridImage, moving: GridImage, fixed_to_moving: np.ndarray)
     """
     centre = centroid_mm(moving.mask, moving.affine)
     inside = fixed.data[fixed.mask]
+    points = apply_affine(fixed.affine, np.argwhere(fixed.mask))
 
     def score(matrix: np.ndarray) -> float:
-        warped = resample(
-            moving.data, moving.affine, fixed.data.shape, fixed.affine, target_to_source=matrix
-        )
-        return mutual_information(inside, warped[fixed.mask])
+        warped = sample_at(moving.data, moving.affine, apply_affine(matrix, points))
+        return mutual_information(inside, warped)
 
     turned = [_about(rot, centre, centre) @ fixed_to_moving for rot in _cube_rotations()[1:]]
     best_other = max(score(matrix) for matrix in turned)

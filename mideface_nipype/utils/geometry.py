@@ -22,6 +22,7 @@ __all__ = [
     "centroid_mm",
     "iso_grid",
     "resample",
+    "sample_at",
     "smooth_downsample",
     "voxel_sizes",
 ]
@@ -80,6 +81,22 @@ def resample(
         order=order,
         mode="constant",
         cval=cval,
+        prefilter=False,
+    )
+
+
+def sample_at(
+    data: np.ndarray, affine: np.ndarray, points_mm: np.ndarray, order: int = 1
+) -> np.ndarray:
+    """``data`` interpolated at world points (N x 3 mm); 0 outside its grid. Cheaper than
+    ``resample`` when only some voxels of the target grid are read (a head mask)."""
+    vox = apply_affine(np.linalg.inv(affine), points_mm)
+    return ndi.map_coordinates(
+        np.asarray(data, dtype=np.float32),
+        vox.T,
+        order=order,
+        mode="constant",
+        cval=0.0,
         prefilter=False,
     )
 
