@@ -75,10 +75,11 @@ def _register(atlas, data, affine, head) -> np.ndarray:
 
 
 def _measured_segment(data, affine, head, atlas, matrix) -> tuple[Segmentation, float, float]:
-    """segment() with its wall time and the peak of Python/numpy allocations (tracemalloc)."""
+    """segment() (with its posteriors on the input grid, which ``synthetic_t2`` mixes) with its
+    wall time and the peak of Python/numpy allocations (tracemalloc)."""
     tracemalloc.start()
     start = time.perf_counter()
-    seg = segment(data, affine, head, atlas, matrix)
+    seg = segment(data, affine, head, atlas, matrix, with_posteriors=True)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1] / 1e9
     tracemalloc.stop()
@@ -339,6 +340,10 @@ def test_synthetic_t2_on_rotated_grid_matches_t1w(cases, atlas):
     t2, t2_affine = synthetic_t2(case, np.random.default_rng(0))
     head = headmask.seghead(t2)
     seg = segment(t2, t2_affine, head, atlas, case.subject_to_atlas)
+    # on this oblique grid the labels come from sampling the head's voxels: the argmax of the
+    # posteriors made there
+    with_post = segment(t2, t2_affine, head, atlas, case.subject_to_atlas, with_posteriors=True)
+    np.testing.assert_array_equal(seg.labels, np.argmax(with_post.posteriors, -1))
     t1_brain = brain_mask(case.seg.labels).astype(np.float32)
     expected = geometry.resample(t1_brain, case.img.affine, t2.shape, t2_affine) > 0.5
     score = dice(brain_mask(seg.labels), expected)
@@ -369,10 +374,16 @@ def test_output_contract_and_determinism(cases, atlas):
     assert np.all(seg.labels[~case.head] == SEG_LABELS["air"])
     assert set(seg.class_means) == set(CLASSES) == set(seg.class_stds)
     assert 1 <= seg.iterations
-    again = segment(case.data, case.img.affine, case.head, atlas, case.subject_to_atlas)
+    again = segment(
+        case.data, case.img.affine, case.head, atlas, case.subject_to_atlas, with_posteriors=True
+    )
     np.testing.assert_array_equal(again.labels, seg.labels)
     np.testing.assert_array_equal(again.posteriors, seg.posteriors)
     assert again.icv_ml == seg.icv_ml
+    # without the posteriors (as defacing runs it): the same labels, class by class
+    labels_only = segment(case.data, case.img.affine, case.head, atlas, case.subject_to_atlas)
+    assert labels_only.posteriors is None
+    np.testing.assert_array_equal(labels_only.labels, seg.labels)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,7 @@ class Segmentation:
     """A segmentation on the subject's input grid."""
 
     labels: np.ndarray  # uint8, values of SEG_LABELS
-    posteriors: np.ndarray  # float32, shape + (len(CLASSES),), sums to 1 over the last axis
+    posteriors: np.ndarray | None  # float32, shape + (K,), sums to 1 over K; None unless asked
     class_means: dict = field(default_factory=dict)  # bias-corrected intensity per class
     class_stds: dict = field(default_factory=dict)
     icv_ml: float = 0.0  # csf + gm + wm posteriors summed, in mL
@@ -369,11 +370,13 @@ def segment(
     mrf_beta: float = MRF_BETA,
     mrf_iterations: int = MRF_ITERATIONS,
     fit_step: int = FIT_STEP,
+    with_posteriors: bool = False,
 ) -> Segmentation:
     """Segment a head into air, soft tissue, bone, CSF, GM, WM and eyes (see the module doc).
 
     ``data`` is a 3-D volume with voxel-to-RAS ``affine``, ``head`` its head mask (same grid),
-    ``subject_to_atlas`` the 4x4 RAS matrix from ``register.register_atlas``.
+    ``subject_to_atlas`` the 4x4 RAS matrix from ``register.register_atlas``. The class
+    posteriors on the input grid are kept only ``with_posteriors`` (defacing needs the labels).
     """
     data = np.nan_to_num(np.asarray(data, dtype=np.float32))
     head = np.asarray(head) > 0
@@ -451,8 +454,11 @@ def segment(
     post_lo = np.zeros(shape_lo + (n_classes,), dtype=np.float32)
     post_lo[..., 0] = 1.0
     post_lo[head_lo] = post
-    posteriors = _to_input_grid(post_lo, aff_lo, head, affine)
-    labels = np.argmax(posteriors, axis=-1).astype(np.uint8)
+    if with_posteriors:
+        posteriors = _to_input_grid(post_lo, aff_lo, head, affine)
+        labels = np.argmax(posteriors, axis=-1).astype(np.uint8)
+    else:
+        posteriors, labels = None, _labels_on_input_grid(post_lo, aff_lo, head, affine)
     return Segmentation(
         labels=labels,
         posteriors=posteriors,
@@ -464,22 +470,21 @@ def segment(
     )
 
 
-def _to_input_grid(
-    post_lo: np.ndarray, aff_lo: np.ndarray, head: np.ndarray, affine: np.ndarray
-) -> np.ndarray:
-    """Linear resampling of the class posteriors onto the head's box of the input grid.
+def _posterior_parts(
+    post_lo: np.ndarray,
+    aff_lo: np.ndarray,
+    head: np.ndarray,
+    affine: np.ndarray,
+    box: tuple[slice, ...],
+) -> Iterator[np.ndarray]:
+    """Each class's posterior, linearly resampled onto ``box`` of the input grid (float32), the
+    voxels outside the head set to air (1 for air, 0 for the others).
 
     Linear weights sum to one and the fill values (air 1, others 0) are a valid posterior, so the
-    result sums to one without renormalising. Grids that differ only by axis order, flips and
+    classes sum to one without renormalising. Grids that differ only by axis order, flips and
     scale (the usual case) take scipy's fast separable path; on oblique grids only the head's
-    voxels are sampled (voxels outside the head are air).
+    voxels are sampled.
     """
-    n_classes = post_lo.shape[-1]
-    out = np.zeros(head.shape + (n_classes,), dtype=np.float32)
-    out[..., 0] = 1.0
-    if not head.any():
-        return out
-    box = _crop_box(head, margin=1)
     shape_box = tuple(s.stop - s.start for s in box)
     aff_box = _shift_affine(affine, box)
     vox = np.linalg.inv(aff_lo) @ aff_box  # input box voxel -> lo voxel
@@ -494,10 +499,10 @@ def _to_input_grid(
     shape_t = np.array([shape_box[p] for p in perm])
     flip = scale < 0
     offset = vox[:3, 3] + np.where(flip, scale * (shape_t - 1), 0.0)
-    if not separable:  # oblique grids: sample the head's voxels only (the rest is air)
-        in_head = head[box]
+    in_head = head[box]
+    if not separable:
         lo_coords = lin @ np.nonzero(in_head) + vox[:3, 3:]
-    for k in range(n_classes):
+    for k in range(post_lo.shape[-1]):
         cval = 1.0 if k == 0 else 0.0
         if separable:
             with warnings.catch_warnings():
@@ -516,16 +521,46 @@ def _to_input_grid(
                 part[tuple(slice(None, None, -1) if f else slice(None) for f in flip)],
                 np.argsort(perm),
             )
-            out[box + (k,)] = part
         else:
-            out[box + (k,)][in_head] = ndi.map_coordinates(
+            part = np.full(shape_box, cval, dtype=np.float32)
+            part[in_head] = ndi.map_coordinates(
                 post_lo[..., k], lo_coords, order=1, mode="constant", cval=cval, prefilter=False
             )
-    outside = ~head[box]
-    view = out[box]
-    view[outside] = 0.0
-    view[outside, 0] = 1.0
+        part[~in_head] = cval
+        yield part
+
+
+def _to_input_grid(
+    post_lo: np.ndarray, aff_lo: np.ndarray, head: np.ndarray, affine: np.ndarray
+) -> np.ndarray:
+    """The class posteriors on the input grid (``_posterior_parts``; air outside the head)."""
+    out = np.zeros(head.shape + (post_lo.shape[-1],), dtype=np.float32)
+    out[..., 0] = 1.0
+    if head.any():
+        box = _crop_box(head, margin=1)
+        for k, part in enumerate(_posterior_parts(post_lo, aff_lo, head, affine, box)):
+            out[box + (k,)] = part
     return out
+
+
+def _labels_on_input_grid(
+    post_lo: np.ndarray, aff_lo: np.ndarray, head: np.ndarray, affine: np.ndarray
+) -> np.ndarray:
+    """``argmax`` of ``_to_input_grid`` (the first class on ties), one class at a time: a 1 mm
+    head's posteriors are 0.4-0.7 GB that only this needs."""
+    labels = np.zeros(head.shape, dtype=np.uint8)  # air
+    if not head.any():
+        return labels
+    box = _crop_box(head, margin=1)
+    parts = _posterior_parts(post_lo, aff_lo, head, affine, box)
+    best = np.array(next(parts))
+    in_box = np.zeros(best.shape, dtype=np.uint8)
+    for k, part in enumerate(parts, start=1):
+        better = part > best
+        in_box[better] = k
+        np.copyto(best, part, where=better)
+    labels[box] = in_box
+    return labels
 
 
 def exclusion_mask(
