@@ -178,6 +178,11 @@ def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
     return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
 
 
+def _head_samples(grid: GridImage) -> tuple[np.ndarray, np.ndarray]:
+    """The head's values and their RAS points (mm): a pose is scored there only, not on the grid."""
+    return grid.data[grid.mask], apply_affine(grid.affine, np.argwhere(grid.mask))
+
+
 def search_initial_pose(fixed: GridImage, moving: GridImage, score=correlation) -> np.ndarray:
     """The best start for a local optimiser: the scanner header or one of 168 rotations.
 
@@ -191,9 +196,7 @@ def search_initial_pose(fixed: GridImage, moving: GridImage, score=correlation) 
     fc = centroid_mm(fixed.mask, fixed.affine)
     mc = centroid_mm(moving.mask, moving.affine)
     candidates = [np.eye(4)] + [_about(rot, fc, mc) for rot in _search_rotations()]
-    inside = fixed.data[fixed.mask]
-    # only the fixed head's voxels are scored: sample the moving image there, not on the grid
-    points = apply_affine(fixed.affine, np.argwhere(fixed.mask))
+    inside, points = _head_samples(fixed)
     scores = [
         score(inside, sample_at(moving.data, moving.affine, apply_affine(cand, points)))
         for cand in candidates
@@ -285,8 +288,7 @@ def pose_ratio(fixed: GridImage, moving: GridImage, fixed_to_moving: np.ndarray)
     Mutual information, not correlation, so that other contrasts (PD, T2) are judged alike.
     """
     centre = centroid_mm(moving.mask, moving.affine)
-    inside = fixed.data[fixed.mask]
-    points = apply_affine(fixed.affine, np.argwhere(fixed.mask))
+    inside, points = _head_samples(fixed)
 
     def score(matrix: np.ndarray) -> float:
         warped = sample_at(moving.data, moving.affine, apply_affine(matrix, points))
@@ -371,7 +373,6 @@ def register_heads(
     score=correlation,
     pyramid: tuple[tuple[int, ...], ...] = FULL_PYRAMID,
     convergence: tuple[float, int] | None = None,
-    refine_passes: int = REFINE_PASSES,
     fixed_grids: HeadGrids | None = None,
 ) -> tuple[np.ndarray, float]:
     """Register two heads; return the fixed->moving RAS matrix and the head-mask Dice it reaches.
@@ -380,7 +381,7 @@ def register_heads(
     (``head_grids``, unless ``fixed_grids`` are given); the moving head comes as its grids.
     ``search_initial_pose`` picks the start on the ``SEARCH_MM`` grids unless ``initial`` is
     given, then ANTs optimises a ``transform`` ("Affine" or "Rigid", Mattes MI; ``pyramid`` and
-    ``convergence`` as in ``register_affine``) and refines it ``refine_passes`` times on the
+    ``convergence`` as in ``register_affine``) and refines it ``REFINE_PASSES`` times on the
     moving grid. Raises ``RegistrationError`` when the head masks overlap less than
     ``min_head_dice`` afterwards or the pose ratio is below ``min_pose_ratio``
     (``check_registration``; 0 turns that check off).
@@ -404,7 +405,7 @@ def register_heads(
     # moving grid whatever the fixed head's orientation, position and voxel grid, so the result
     # no longer depends on how the fixed head meets its own registration grid
     smoothed = anti_alias(np.where(fixed.mask > 0, fixed.data, 0), fixed.affine, registration_mm)
-    for _ in range(refine_passes):
+    for _ in range(REFINE_PASSES):
         pulled = resample(
             smoothed, fixed.affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
         )
