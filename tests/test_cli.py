@@ -246,12 +246,15 @@ def test_other_contrasts_threads_init_reg_and_pics(graph_of, tmp_path):
     assert _feeds(wf, "apply_mask", "xmask") == [("segment", "out_file")]
     wf, _, _ = graph_of("--apply-to", t2)
     assert _inputs(wf, "coregister", "regheader") == (False,)
+    assert _inputs(wf, "register", "search_grid") == (True,)
+    assert _feeds(wf, "coregister", "reference_search_grid") == [("register", "search_grid")]
     _, plugin, plugin_args = graph_of("--threads", "2")
     assert (plugin, plugin_args) == ("MultiProc", {"n_procs": 2})
     matrix = tmp_path / "init.txt"
     np.savetxt(matrix, np.eye(4))
     wf, _, _ = graph_of("--init-reg", matrix)
     assert _inputs(wf, "inputnode", "init_transform") == (str(matrix.resolve()),)
+    assert _inputs(wf, "register", "search_grid") == (False,)  # nobody searches against it
     wf, _, _ = graph_of("--odir", tmp_path / "od", "--pics", "--mgz")
     assert _feeds(wf, "report", "pictures") == [("pics", "pictures")]
     assert wf.get_node("report").inputs.options["fmt"] == "mgz"

@@ -28,6 +28,9 @@ class _RegisterAtlasInputSpec(AtlasInputSpec):
     head_mask = File(exists=True, mandatory=True, desc="head mask of in_file")
     registration_mm = traits.Float(register.REGISTRATION_MM, usedefault=True, desc="grid (mm)")
     init_transform = File(exists=True, desc="4x4 RAS subject->atlas matrix to start from (text)")
+    search_grid = traits.Bool(
+        True, usedefault=True, desc="write search_grid (other contrasts are searched against it)"
+    )
 
 
 class _RegisterAtlasOutputSpec(TraitedSpec):
@@ -35,7 +38,7 @@ class _RegisterAtlasOutputSpec(TraitedSpec):
     itk_transform = File(exists=True, desc="the same as an ITK/ANTs affine (.mat)")
     out_stats = File(exists=True, desc="JSON: head-mask Dice after registration, seconds")
     registration_grid = File(exists=True, desc="the masked head and its mask on the 3 mm grid")
-    search_grid = File(exists=True, desc="the same on the pose search's grid")
+    search_grid = File(exists=True, desc="the same on the pose search's grid (if asked)")
 
 
 class RegisterAtlas(StepInterface):
@@ -52,8 +55,12 @@ class RegisterAtlas(StepInterface):
             atlas = load_atlas(self.inputs.atlas_dir or None)
             init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
             subject = GridImage(io.first_frame(img), img.affine, head)
-            # with its search grid also after --init-reg: other contrasts are searched against it
-            grids = register.head_grids(subject, self.inputs.registration_mm)
+            # the search grid also after --init-reg when other contrasts are searched against it
+            grids = register.head_grids(
+                subject,
+                self.inputs.registration_mm,
+                search=init is None or self.inputs.search_grid,
+            )
             matrix, dice = register.register_atlas(
                 subject,
                 atlas,
@@ -65,7 +72,8 @@ class RegisterAtlas(StepInterface):
         self._results["registration_grid"] = save_grid(
             grids.registration, runtime, "registration_grid.nii"
         )
-        self._results["search_grid"] = save_grid(grids.search, runtime, "search_grid.nii")
+        if self.inputs.search_grid:
+            self._results["search_grid"] = save_grid(grids.search, runtime, "search_grid.nii")
         self._results["transform"] = save_matrix(matrix, out_path(runtime, "subject_to_atlas.txt"))
         self._results["itk_transform"] = str(
             register.ras_to_ants_transform(matrix, out_path(runtime, "subject_to_atlas.mat"))

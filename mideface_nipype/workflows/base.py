@@ -167,7 +167,12 @@ def init_mideface_wf(
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
     head_mask = pe.Node(HeadMask(), name="head_mask", mem_gb=0.5, n_procs=1)
-    register = pe.Node(RegisterAtlas(**atlas), name="register", mem_gb=1.0, n_procs=1)
+    register = pe.Node(
+        RegisterAtlas(search_grid=bool(other_contrasts), **atlas),
+        name="register",
+        mem_gb=1.0,
+        n_procs=1,
+    )
     project = pe.Node(ProjectSurface(**atlas), name="project", mem_gb=0.3, n_procs=1)
     shape = {
         "ears": ears,
