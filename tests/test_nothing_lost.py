@@ -716,10 +716,13 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sigterm_during_a_run_leaves_no_output(tmp_path, head):
-    """A scheduler's kill (SIGTERM) while the engine works: exit 130, only the log, saying so."""
+    """A scheduler's kill (SIGTERM) while the engine works: exit 130, only the log, saying so,
+    and nothing in the folder it was started from (Nipype's crash file stays in the work dir)."""
     od = tmp_path / "od"
+    here = tmp_path / "here"
+    here.mkdir()
     before = state(head)
-    proc = umask_run(["--i", head, "--odir", od, "--no-samseg"], 0o022)
+    proc = umask_run(["--i", head, "--odir", od, "--no-samseg"], 0o022, cwd=here)
     _wait_for([od / "log" / "mideface.log"], proc)
     time.sleep(2.0)  # inside the workflow
     assert proc.poll() is None
@@ -729,7 +732,7 @@ def test_sigterm_during_a_run_leaves_no_output(tmp_path, head):
     assert "interrupted; no output written" in err and "Traceback" not in err
     assert tree(od) == {"log", "log/mideface.log"} and state(head) == before
     assert "interrupted" in (od / "log" / "mideface.log").read_text()
-    assert not list(tmp_path.glob(".*.lock"))
+    assert not list(tmp_path.glob(".*.lock")) and not list(here.iterdir())
 
 
 @pytest.mark.slow

@@ -422,6 +422,10 @@ def run_workflow(workflow: pe.Workflow, work_dir: str | Path, *, n_procs: int = 
     work_dir = Path(work_dir).resolve()
     workflow.base_dir = str(work_dir)
     config.set("execution", "crashdump_dir", str(work_dir))
+    # a node made before this copied Nipype's settings then (crash files in the current folder)
+    for element in [workflow, *workflow._get_all_nodes()]:
+        if element.config is not None:
+            element.config.setdefault("execution", {})["crashdump_dir"] = str(work_dir)
     if n_procs > 1:
         return workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
     return workflow.run(plugin="Linear")
