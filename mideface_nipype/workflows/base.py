@@ -417,15 +417,11 @@ def init_apply_wf(
 def run_workflow(workflow: pe.Workflow, work_dir: str | Path, *, n_procs: int = 1):
     """Run ``workflow`` in ``work_dir`` (its crash files too): on MultiProc with ``n_procs`` > 1,
     else Linear. The one way the ``mideface`` command and ``mideface_nipype.deface`` run it."""
-    from nipype import config
-
     work_dir = Path(work_dir).resolve()
     workflow.base_dir = str(work_dir)
-    config.set("execution", "crashdump_dir", str(work_dir))
-    # a node made before this copied Nipype's settings then (crash files in the current folder)
-    for element in [workflow, *workflow._get_all_nodes()]:
-        if element.config is not None:
-            element.config.setdefault("execution", {})["crashdump_dir"] = str(work_dir)
+    # the graph copied Nipype's settings (crash folder: the current one) when it was made, and
+    # its copy wins over the global settings; its nodes take theirs from it
+    workflow.config["execution"]["crashdump_dir"] = str(work_dir)
     if n_procs > 1:
         return workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
     return workflow.run(plugin="Linear")
