@@ -2,8 +2,8 @@
 
 Each remap changes the T1w's intensities inside the head (the air keeps its scanned noise), then
 turns the head and resamples it on a 2 mm grid, so that the head mask and the coregistration
-meet a contrast, a pose and a grid they were not tuned on. The heavy part (one ``mideface`` run
-per head with all its remaps as ``--apply-to``) is marked ``slow``.
+meet a contrast, a pose and a grid they were not tuned on. The heavy part (each remap
+coregistered to its T1w and defaced with the T1w's face mask) is marked ``slow``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from brain import independent_brain_mask
-from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR
+from conftest import ALL_T1W_HEADS, FACE_HEADS, HEADS_DIR, default_run
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
@@ -24,6 +24,7 @@ from mideface_nipype.cli import mideface as cli
 from mideface_nipype.engine import apply, fill, register
 from mideface_nipype.engine.headmask import head_mask, seghead
 from mideface_nipype.utils import geometry, io
+from mideface_nipype.utils.geometry import GridImage
 
 #: How the head is turned in the remapped image (degrees about x, y, z) and its grid (mm).
 TURN_DEG = (12.0, -9.0, 14.0)
@@ -146,48 +147,55 @@ def test_head_mask_of_a_remap_on_the_t1w_grid_is_the_head(name, remap, tmp_path)
 APPLY_TO_REMAPS = ("T2", "PD", "FLAIR")
 
 
-@pytest.fixture(scope="session")
-def contrast_runs(tmp_path_factory) -> Callable[[str], tuple[Path, dict[str, np.ndarray]]]:
-    """Per T1w head, made once when first asked (also when it fails): one ``mideface
-    --apply-to`` run of the T1w with its turned remaps; (the run's base folder, whose ``od`` is
-    its --odir, {remap: its mm -> T1w mm matrix})."""
-    done: dict[str, tuple[Path, dict[str, np.ndarray], int]] = {}
+def defaced_remap(name: str, remap: str, folder: Path) -> tuple[Path, Path, np.ndarray]:
+    """A turned remap of a T1w head, written to ``folder``, defaced as ``--apply-to`` does it:
+    coregistered to the T1w's head grids (``Coregister``), then the T1w's face mask carried onto
+    it and filled, its exclusion mask protected (``ApplyFaceMask``). The T1w's run is test_engine's,
+    from the session's cache (a whole ``--apply-to`` graph is run by test_apply).
 
-    def run(name: str) -> tuple[Path, dict[str, np.ndarray]]:
-        if name not in done:
-            base = tmp_path_factory.mktemp(name.split(".")[0])
-            truth = {
-                r: remap_head(HEADS_DIR / name, r, base / f"{r}.nii.gz") for r in APPLY_TO_REMAPS
-            }
-            argv = ["--i", str(HEADS_DIR / name), "--odir", str(base / "od"), "--apply-to"]
-            code = cli.main(argv + [str(base / f"{r}.nii.gz") for r in APPLY_TO_REMAPS])
-            done[name] = (base, truth, code)
-        base, truth, code = done[name]
-        assert code == 0, (base / "od" / "log" / "mideface.log").read_text()[-600:]
-        return base, truth
-
-    return run
+    Returns the T1w's ``--odir``, the defaced remap and the remap's mm -> T1w mm matrix.
+    """
+    od = default_run(name, "--pics")
+    src_path = folder / f"{remap}.nii.gz"
+    truth = remap_head(HEADS_DIR / name, remap, src_path)
+    t1 = nib.load(HEADS_DIR / name)
+    head = np.asarray(nib.load(od / "head.mask.nii.gz").dataobj) > 0
+    reference = register.head_grids(GridImage(io.first_frame(t1), t1.affine, head))
+    src = nib.load(src_path)
+    to_t1, _ = register.coregister(src, reference)
+    face = nib.load(od / "face.mask.nii.gz")
+    out, _, _ = apply.apply_face_mask(
+        io.stored_data(src),
+        src.affine,
+        np.asarray(face.dataobj),
+        face.affine,
+        target_to_mask=to_t1,
+        xmask=np.asarray(nib.load(od / "exclusion.mask.nii.gz").dataobj),
+    )
+    out_path = folder / f"{remap}_defaced.nii.gz"
+    nib.save(io.like(src, out), out_path)
+    return od, out_path, truth
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("remap", APPLY_TO_REMAPS)
 @pytest.mark.parametrize("name", ALL_T1W_HEADS)
-def test_apply_to_a_remap_changes_no_brain_voxel(name, remap, contrast_runs):
-    base, truth = contrast_runs(name)
+def test_apply_to_a_remap_changes_no_brain_voxel(name, remap, tmp_path):
+    od, out_path, truth = defaced_remap(name, remap, tmp_path)
     t1 = nib.load(HEADS_DIR / name)
-    src = nib.load(base / f"{remap}.nii.gz")
-    out = nib.load(base / "od" / f"{remap}_defaced.nii.gz")
+    out = nib.load(out_path)
+    src = nib.load(out_path.with_name(f"{remap}.nii.gz"))
     changed = io.stored_data(src) != io.stored_data(out)
     changed[: len(fill.CODE_TAG), 0, 0] = False
-    brain = _carry(independent_brain_mask(str(HEADS_DIR / name)), t1, src, truth[remap])
-    xmask_t1 = np.asarray(nib.load(base / "od" / "exclusion.mask.nii.gz").dataobj) > 0
-    xmask = apply.resample_protection(xmask_t1, t1.affine, src.shape, src.affine, truth[remap])
+    brain = _carry(independent_brain_mask(str(HEADS_DIR / name)), t1, src, truth)
+    xmask_t1 = np.asarray(nib.load(od / "exclusion.mask.nii.gz").dataobj) > 0
+    xmask = apply.resample_protection(xmask_t1, t1.affine, src.shape, src.affine, truth)
     assert brain.sum() > 10_000 and xmask.sum() > brain.sum()
     assert np.count_nonzero(changed & brain) == 0
     assert np.count_nonzero(changed & xmask) == 0
     # the face was replaced: as many voxels as on the T1w, within a factor of two (grid, pose)
     t1_changed = np.count_nonzero(
-        io.stored_data(t1) != io.stored_data(nib.load(base / "od" / "defaced.nii.gz"))
+        io.stored_data(t1) != io.stored_data(nib.load(od / "defaced.nii.gz"))
     )
     t1_to_other_ml = abs(np.linalg.det(t1.affine[:3, :3]) / np.linalg.det(src.affine[:3, :3]))
     assert 0.5 < changed.sum() / (t1_changed * t1_to_other_ml) < 2.0
