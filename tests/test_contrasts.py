@@ -24,7 +24,6 @@ from mideface_nipype.cli import mideface as cli
 from mideface_nipype.engine import apply, fill, register
 from mideface_nipype.engine.headmask import head_mask, seghead
 from mideface_nipype.utils import geometry, io
-from mideface_nipype.utils.geometry import GridImage
 
 #: How the head is turned in the remapped image (degrees about x, y, z) and its grid (mm).
 TURN_DEG = (12.0, -9.0, 14.0)
@@ -160,7 +159,7 @@ def defaced_remap(name: str, remap: str, folder: Path) -> tuple[Path, Path, np.n
     truth = remap_head(HEADS_DIR / name, remap, src_path)
     t1 = nib.load(HEADS_DIR / name)
     head = np.asarray(nib.load(od / "head.mask.nii.gz").dataobj) > 0
-    reference = register.head_grids(GridImage(io.first_frame(t1), t1.affine, head))
+    reference = register.head_grids(geometry.GridImage(io.first_frame(t1), t1.affine, head))
     src = nib.load(src_path)
     to_t1, _ = register.coregister(src, reference)
     face = nib.load(od / "face.mask.nii.gz")
@@ -183,8 +182,7 @@ def defaced_remap(name: str, remap: str, folder: Path) -> tuple[Path, Path, np.n
 def test_apply_to_a_remap_changes_no_brain_voxel(name, remap, tmp_path):
     od, out_path, truth = defaced_remap(name, remap, tmp_path)
     t1 = nib.load(HEADS_DIR / name)
-    out = nib.load(out_path)
-    src = nib.load(out_path.with_name(f"{remap}.nii.gz"))
+    src, out = nib.load(tmp_path / f"{remap}.nii.gz"), nib.load(out_path)
     changed = io.stored_data(src) != io.stored_data(out)
     changed[: len(fill.CODE_TAG), 0, 0] = False
     brain = _carry(independent_brain_mask(str(HEADS_DIR / name)), t1, src, truth)
