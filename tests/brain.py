@@ -12,9 +12,18 @@ from conftest import ATLAS_SOURCES_DIR
 
 from mideface_nipype.evaluation import metrics
 
-#: ``metrics.independent_brain_mask(img, sources)``, shared by the session (keyed by the image's
-#: values and affine and the sources' files).
-shared_brain_mask = runcache.memoized("independent_brain_mask", metrics.independent_brain_mask)
+_shared = runcache.memoized("independent_brain_mask", metrics.independent_brain_mask)
+
+
+def shared_brain_mask(
+    img: nib.spatialimages.SpatialImage, sources_dir, subject_to_atlas: np.ndarray | None = None
+) -> np.ndarray:
+    """``metrics.independent_brain_mask``, shared by the session (keyed by the image's values and
+    affine, the sources' files and the start, which is the image's own ``atlas_affine`` unless
+    given: the session's registrations make that one cheap, and one key serves both calls)."""
+    if subject_to_atlas is None:
+        subject_to_atlas = metrics.atlas_affine(img)
+    return _shared(img, sources_dir, subject_to_atlas)
 
 
 @lru_cache(maxsize=16)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import trimesh
 from brain import shared_brain_mask
-from conftest import ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
+from conftest import ALL_T1W_HEADS, ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
 
 from mideface_nipype.cli import mideface_eval as eval_cli
 from mideface_nipype.engine.atlas import load_atlas
@@ -242,7 +242,16 @@ def test_independent_brain_mask_is_repeatable():
     img = nib.load(HEADS_DIR / FACE_HEADS[2])
     first = shared_brain_mask(img, ATLAS_SOURCES_DIR)  # the session's, made in another test
     assert np.array_equal(first, metrics.independent_brain_mask(img, ATLAS_SOURCES_DIR))
-    assert 900 < first.sum() * np.prod(geometry.voxel_sizes(img.affine)) / 1000 < 2000  # mL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL_T1W_HEADS)
+def test_independent_brain_mask_is_a_brain(name):
+    """A brain's volume on every head (1.0-1.8 L; 1.08-1.79 L measured), not the scalp: from
+    antspyx's own start, with the whole head in SyN's metric, it was 1.9-2.0 L on 4 of 7 heads."""
+    img = nib.load(HEADS_DIR / name)
+    mask = shared_brain_mask(img, ATLAS_SOURCES_DIR)  # the session's (test_engine, test_contrasts)
+    assert 1000 < mask.sum() * np.prod(geometry.voxel_sizes(img.affine)) / 1000 < 1800  # mL
 
 
 def test_atropos_leaves_no_files_in_the_temp_folder(tmp_path, monkeypatch):
@@ -353,17 +362,15 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     assert row["brain_voxels_changed"] == 0
     # no brain voxel changed: N4 and Atropos in the brain mask see the same brain
     assert max(row["tissue_change_pct_max_abs"].values()) < 0.1
-    # the brain mask estimated anew on the defaced head (SyN sees the new face): a measured
-    # change per head (IXI012 +2.4 %, IXI013 +1.3 %, IXI014 +9.6 % with the pushed face; the
-    # SyN mask is bistable on some heads: IXI014's own is 1242 mL against 1940-1970 mL, and on
-    # IXI015 it moves 22-25 % for every defacer), so the median is bounded: a broken mask
-    # moves them all
+    # the brain mask estimated anew on the defaced head, SyN from the original's start (IXI012
+    # -0.8 %, IXI013 +0.2 %, IXI014 +1.5 % measured): its median is bounded, a broken mask moves
+    # them all (from antspyx's own start it moved 1-10 % and jumped by 22 % on IXI015)
     changes = [
         abs(json.loads(path.read_text())["methods"]["mideface"]["brain_ml_change_pct"])
         for path in (out / "subjects").glob("*.json")
     ]
     assert len(changes) == len(E2E_HEADS)
-    assert 0 < row["brain_ml_change_pct_max_abs"] and np.median(changes) < 5.0
+    assert 0 < row["brain_ml_change_pct_max_abs"] and np.median(changes) < 2.0
     assert row["defaced"]["probes"] == 3 * len(E2E_HEADS)
     assert row["seconds_median"] > 0 and row["peak_gb_max"] > 0
     # outputs stay in the output folder, one defaced head per input

@@ -105,8 +105,9 @@ def evaluate_head(
     it before each defacer runs."""
     img = io.load_volume(head)
     data = io.first_frame(img)
-    to_atlas = metrics.align_to_atlas(img)
-    brain = metrics.independent_brain_mask(img, sources)
+    subject_to_atlas = metrics.atlas_affine(img)
+    to_atlas = metrics.align_to_atlas(img, subject_to_atlas)
+    brain = metrics.independent_brain_mask(img, sources, subject_to_atlas)
     files = head_outputs(head, out_dir, methods)
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = metrics.render_views(data, img.affine, to_atlas)
@@ -132,8 +133,9 @@ def evaluate_head(
         if tissue:
             entry["tissue_ml"] = metrics.tissue_volumes_ml(dimg, brain)
             entry["tissue_change_pct"] = metrics.percent_change(before, entry["tissue_ml"])
-            # the eICV analog: the whole brain-mask pipeline again, on the defaced image
-            entry["brain_ml"] = _ml(metrics.independent_brain_mask(dimg, sources), dimg)
+            # the eICV analog: the brain mask again on the defaced image, from the original's start
+            brain_again = metrics.independent_brain_mask(dimg, sources, subject_to_atlas)
+            entry["brain_ml"] = _ml(brain_again, dimg)
             entry["brain_ml_change_pct"] = metrics.percent_change(
                 {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
             )["brain"]
@@ -378,11 +380,12 @@ def markdown_table(summary: dict) -> str:
         "rigid ICP of the skin outside the face labels (the part the defacer leaves), then its "
         "frontal face depth map (1 mm) correlated with theirs; between people: intact heads "
         "aligned to each other the same way. Independent brain mask: N4 + SyN of the "
-        "MNI152 2009 SSW head, ICBM 2009a brain. Tissue: N4 in the original's brain mask, then "
-        "ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the same "
-        "mask before and after (a defacer that changes no brain voxel scores 0). Brain-mask "
-        "volume: the whole independent brain mask estimated again on the defaced image, in % of "
-        "the original's (the eICV of the MiDeFace authors, -0.1 %).",
+        "MNI152 2009 SSW head from the engine's affine of the original, its metric on the "
+        "template's brain and skull, ICBM 2009a brain. Tissue: N4 in the original's brain mask, "
+        "then ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the "
+        "same mask before and after (a defacer that changes no brain voxel scores 0). Brain-mask "
+        "volume: the independent brain mask estimated again on the defaced image from the same "
+        "start, in % of the original's (the eICV of the MiDeFace authors, -0.1 %).",
     ]
     for method, row in summary["methods"].items():
         notes += [f"{method} failed on {err}" for err in row["errors"]]
