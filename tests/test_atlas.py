@@ -14,7 +14,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from mideface_nipype.engine import atlas as atlas_mod
-from mideface_nipype.engine import register
+from mideface_nipype.engine import bracket, register
 from mideface_nipype.engine.atlas import load_atlas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,16 +167,34 @@ def test_rebuild_reproduces_committed_atlas(tmp_path, atlas):
 
 @pytest.mark.parametrize("mirror", [False, True], ids=["turned", "mirrored"])
 def test_projected_surface_is_the_atlas_moved_and_still_wound_outward(atlas, mirror):
-    """``project_surface`` moves every vertex through the inverse registration, keeps each
-    vertex's label, and keeps the triangles wound outward when the registration mirrors."""
+    """``project_surface`` moves every vertex off the face through the inverse registration and
+    the face's inside by its similarity part (distances scaled alike in every direction), keeps
+    each vertex's label, and keeps the triangles wound outward when the registration mirrors."""
     subject_to_atlas = np.array(
         [[0.0, 1.05, 0.0, -4.0], [-0.95, 0.0, 0.0, 12.0], [0.0, 0.0, 1.1, -30.0], [0, 0, 0, 1.0]]
     )
     if mirror:
         subject_to_atlas = subject_to_atlas @ np.diag([-1.0, 1.0, 1.0, 1.0])
     vertices, faces, regions = register.project_surface(atlas, subject_to_atlas)
+    source = np.asarray(atlas.surface.vertices)
+    face = np.zeros(len(source), dtype=bool)
+    for spec in bracket.FACE_LABELS:
+        face[atlas.labels[spec.name]] = True
+    weight = bracket.offset_field(source, face, faces, 1.0, register.SIMILAR_FACE_TAPER_MM)
     back = vertices @ subject_to_atlas[:3, :3].T + subject_to_atlas[:3, 3]
-    assert np.allclose(back, atlas.surface.vertices, atol=1e-9)
+    assert np.allclose(back[weight == 0], source[weight == 0], atol=1e-9)
+    assert (weight == 1).sum() > 1000
+    # deep in the face: distances all scaled by the cube root of the volume change
+    inner = np.flatnonzero(weight == 1)[::50]
+    scale = np.cbrt(abs(np.linalg.det(np.linalg.inv(subject_to_atlas)[:3, :3])))
+    moved = np.linalg.norm(vertices[inner, None] - vertices[None, inner], axis=-1)
+    atlas_mm = np.linalg.norm(source[inner, None] - source[None, inner], axis=-1)
+    assert np.allclose(moved, scale * atlas_mm, atol=1e-6)
+    assert not np.allclose(back[inner], source[inner], atol=1.0)  # so it is not the affine
+    # no seam: along every edge the move differs from the affine's by a bounded step
+    off = np.linalg.norm(back - source, axis=1)
+    edges = np.asarray(atlas.surface.edges_unique)
+    assert np.abs(off[edges[:, 0]] - off[edges[:, 1]]).max() < 1.0
     for i, name in enumerate(atlas_mod.LABELS):
         assert np.array_equal(np.flatnonzero(regions == i + 1), atlas.labels[name]), name
     # the enclosed volume is positive only when the triangles are wound outward

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from mideface_nipype.engine.atlas import Atlas
+from mideface_nipype.engine.bracket import FACE_LABELS, offset_field
 from mideface_nipype.engine.headmask import head_mask
 from mideface_nipype.utils.errors import RegistrationError
 from mideface_nipype.utils.geometry import (
@@ -64,6 +65,9 @@ COREG_PYRAMID = ((100, 100), (4, 2), (2, 1))
 COREG_CONVERGENCE = (1e-6, 10)
 #: Seed for ANTs' metric sampling, so that a run is reproducible.
 ANTS_SEED = 1
+#: Distance (atlas mm) over which the face labels' similarity map blends into the registration's
+#: affine (smoothstep inward from the face's edge).
+SIMILAR_FACE_TAPER_MM = 18.0
 #: Registrations whose head-mask overlap ends below this are refused (the atlas missed the head).
 MIN_HEAD_DICE = 0.75
 #: A pose is refused unless its mutual information with the subject exceeds, by this factor, that
@@ -464,18 +468,44 @@ def coregister(
     )
 
 
+def similarity_part(matrix: np.ndarray) -> tuple[np.ndarray, float]:
+    """The rotation (a reflection included, as the matrix has it) and the isotropic scale
+    (cube root of the volume change) nearest to the linear part of a 4x4 affine."""
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
+    return u @ vt, float(np.cbrt(abs(np.linalg.det(matrix[:3, :3]))))
+
+
 def project_surface(
     atlas: Atlas, subject_to_atlas: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The atlas head surface in the subject's world (mm) through the registration.
+
+    The face labels are moved by the registration's similarity part about their centroid
+    instead (``similarity_part``), blending into the full affine over ``SIMILAR_FACE_TAPER_MM``
+    inside their edge: the affine's shear and unequal scales fit the subject's face proportions
+    (its width against its height, the chin's angle), which a face-recognition attacker reads
+    back from the defaced skin; the similarity keeps the average face's proportions at the
+    subject's size. Outside the face every vertex follows the affine.
 
     Returns the vertices, the triangles (their winding reversed when the map reflects, so that
     they stay wound outward) and each vertex's region as in the label file (index in
     ``atlas.labels`` + 1, 0 unlabelled).
     """
     atlas_to_subject = np.linalg.inv(subject_to_atlas)
-    vertices = apply_affine(atlas_to_subject, atlas.surface.vertices)
+    atlas_vertices = np.asarray(atlas.surface.vertices, dtype=float)
     faces = np.asarray(atlas.surface.faces)
+    vertices = apply_affine(atlas_to_subject, atlas_vertices)
+    face = np.zeros(len(vertices), dtype=bool)
+    for spec in FACE_LABELS:
+        face[atlas.labels[spec.name]] = True
+    if face.any():
+        rotation, scale = similarity_part(atlas_to_subject)
+        centre = atlas_vertices[face].mean(axis=0)
+        similar = apply_affine(atlas_to_subject, centre[None])[0] + scale * (
+            (atlas_vertices - centre) @ rotation.T
+        )
+        weight = offset_field(atlas_vertices, face, faces, 1.0, SIMILAR_FACE_TAPER_MM)
+        vertices += weight[:, None] * (similar - vertices)
     if np.linalg.det(atlas_to_subject[:3, :3]) < 0:
         faces = faces[:, ::-1]  # a reflection turns the winding inside out
     regions = np.zeros(len(vertices), dtype=np.int32)
