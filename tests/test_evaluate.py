@@ -363,7 +363,7 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     # no brain voxel changed: N4 and Atropos in the brain mask see the same brain
     assert max(row["tissue_change_pct_max_abs"].values()) < 0.1
     # the brain mask estimated anew on the defaced head, SyN from the original's start (IXI012
-    # -1.2 %, IXI013 +0.05 %, IXI014 +2.5 % measured): its median is bounded, a broken mask moves
+    # -1.2 %, IXI013 +1.6 %, IXI014 +0.4 % measured): its median is bounded, a broken mask moves
     # them all (from antspyx's own start it moved 1-10 % and jumped by 22 % on IXI015)
     changes = [
         abs(json.loads(path.read_text())["methods"]["mideface"]["brain_ml_change_pct"])
