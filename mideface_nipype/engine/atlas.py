@@ -63,6 +63,13 @@ class Atlas:
             np.asarray(self.headmask.dataobj) > 0,
         )
 
+    def in_labels(self, names) -> np.ndarray:
+        """Which surface vertices carry one of the labels ``names`` (bool per vertex)."""
+        inside = np.zeros(len(self.surface.vertices), dtype=bool)
+        for name in names:
+            inside[self.labels[name]] = True
+        return inside
+
 
 def atlas_dir() -> Path:
     """Folder of the installed atlas files (package data, also in a non-editable install)."""

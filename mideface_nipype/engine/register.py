@@ -504,9 +504,7 @@ def project_surface(
     atlas_vertices = np.asarray(atlas.surface.vertices, dtype=float)
     faces = np.asarray(atlas.surface.faces)
     vertices = apply_affine(atlas_to_subject, atlas_vertices)
-    face = np.zeros(len(vertices), dtype=bool)
-    for spec in FACE_LABELS:
-        face[atlas.labels[spec.name]] = True
+    face = atlas.in_labels(spec.name for spec in FACE_LABELS)
     if face.any():
         rotation, scale = similarity_part(atlas_to_subject)
         centre = atlas_vertices[face].mean(axis=0)

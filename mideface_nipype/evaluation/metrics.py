@@ -171,9 +171,7 @@ def lit_from_above(normals: np.ndarray, cam: np.ndarray) -> np.ndarray:
 def face_region(yaw_deg: float) -> np.ndarray:
     """Pixels of a view covered by the atlas face (lower, upper face, nose, eyes)."""
     atlas = load_atlas()
-    in_face = np.zeros(len(atlas.surface.vertices))
-    for name in FACE_LABELS:
-        in_face[atlas.labels[name]] = 1.0
+    in_face = atlas.in_labels(FACE_LABELS).astype(float)
     cam, frame = view_frame(yaw_deg)
     _, values = render.rasterise(
         atlas.surface.vertices, atlas.surface.faces, cam, frame, vertex_values=in_face
@@ -276,9 +274,7 @@ def skin_points(
     atlas = load_atlas()
     mesh = render.skin_mesh(data, affine)
     points = apply_affine(to_atlas, mesh.vertices)
-    in_face = np.zeros(len(atlas.surface.vertices), dtype=bool)
-    for name in FACE_LABELS:
-        in_face[atlas.labels[name]] = True
+    in_face = atlas.in_labels(FACE_LABELS)
     dist_mm, nearest = cKDTree(atlas.surface.vertices).query(points)
     face = in_face[nearest] & (dist_mm <= FACE_NEAR_MM)
     rng = np.random.default_rng(seed)
@@ -328,7 +324,7 @@ def frontal_depth(points: np.ndarray, region: tuple[np.ndarray, np.ndarray]) -> 
 def face_grid() -> tuple[np.ndarray, np.ndarray]:
     """Pixel edges (x, z in atlas mm) of the 3-D attacker's depth maps: the face labels' extent."""
     atlas = load_atlas()
-    face = atlas.surface.vertices[np.concatenate([atlas.labels[n] for n in FACE_LABELS])]
+    face = atlas.surface.vertices[atlas.in_labels(FACE_LABELS)]
     lo, hi = face.min(0), face.max(0)
     return (
         np.arange(lo[0], hi[0] + ICP_DEPTH_PIXEL_MM, ICP_DEPTH_PIXEL_MM),
