@@ -177,7 +177,7 @@ def test_projected_surface_is_the_atlas_moved_and_still_wound_outward(atlas, mir
         subject_to_atlas = subject_to_atlas @ np.diag([-1.0, 1.0, 1.0, 1.0])
     vertices, faces, regions = register.project_surface(atlas, subject_to_atlas)
     source = np.asarray(atlas.surface.vertices)
-    face = atlas.in_labels(spec.name for spec in bracket.FACE_LABELS)
+    face = atlas.in_labels(bracket.FACE_LABEL_NAMES)
     weight = bracket.offset_field(source, face, faces, 1.0, register.SIMILAR_FACE_TAPER_MM)
     back = vertices @ subject_to_atlas[:3, :3].T + subject_to_atlas[:3, 3]
     assert np.allclose(back[weight == 0], source[weight == 0], atol=1e-9)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -63,7 +64,7 @@ class Atlas:
             np.asarray(self.headmask.dataobj) > 0,
         )
 
-    def in_labels(self, names) -> np.ndarray:
+    def in_labels(self, names: Iterable[str]) -> np.ndarray:
         """Which surface vertices carry one of the labels ``names`` (bool per vertex)."""
         inside = np.zeros(len(self.surface.vertices), dtype=bool)
         for name in names:

@@ -119,6 +119,8 @@ FACE_LABELS = (
     LabelSpec("nose", offset_mm=-NOSE_PULL_MM),
     LabelSpec("eyes", offset_mm=FACE_OFFSET_MM),
 )
+#: Their names: the face that the bracketing replaces, as other modules select its vertices.
+FACE_LABEL_NAMES = tuple(spec.name for spec in FACE_LABELS)
 EAR_LABELS = (
     LabelSpec("ear-left", 2.0, 3.0, FACE_OFFSET_MM),
     LabelSpec("ear-right", 2.0, 3.0, FACE_OFFSET_MM),

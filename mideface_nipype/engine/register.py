@@ -18,7 +18,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from mideface_nipype.engine.atlas import Atlas
-from mideface_nipype.engine.bracket import FACE_LABELS, offset_field
+from mideface_nipype.engine.bracket import FACE_LABEL_NAMES, offset_field
 from mideface_nipype.engine.headmask import head_mask
 from mideface_nipype.utils.errors import RegistrationError
 from mideface_nipype.utils.geometry import (
@@ -504,7 +504,7 @@ def project_surface(
     atlas_vertices = np.asarray(atlas.surface.vertices, dtype=float)
     faces = np.asarray(atlas.surface.faces)
     vertices = apply_affine(atlas_to_subject, atlas_vertices)
-    face = atlas.in_labels(spec.name for spec in FACE_LABELS)
+    face = atlas.in_labels(FACE_LABEL_NAMES)
     if face.any():
         rotation, scale = similarity_part(atlas_to_subject)
         centre = atlas_vertices[face].mean(axis=0)

@@ -53,7 +53,7 @@ CONTROL_YAWS_DEG = (30.0, -30.0)
 #: Elevation (deg) of the renders' light above the camera, as a portrait's key light.
 LIGHT_ELEVATION_DEG = 30.0
 #: Atlas surface labels that make up the face region of the depth-map comparison.
-FACE_LABELS = tuple(spec.name for spec in bracket.FACE_LABELS)
+FACE_LABELS = bracket.FACE_LABEL_NAMES
 #: The 3-D attacker: skin points kept per head (outside / inside the face labels), rigid ICP
 #: iterations, the pixel of its frontal depth maps (mm), and the largest distance (mm) from a
 #: skin point to the atlas face labels for it to count as face.
