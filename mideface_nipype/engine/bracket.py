@@ -34,13 +34,14 @@ Deviations from FreeSurfer (documented where they happen):
 * ``shell_voxels`` samples each projected triangle with a barycentric step chosen per triangle so
   the in-plane spacing is <= ``step_mm`` (at least ``MIN_SAMPLES_PER_EDGE`` intervals per edge)
   instead of the fixed ``DeltaDist/3`` barycentric step, and its depth samples always include both
-  end points (spacing <= ``step_mm``).
+  end points (spacing <= ``step_mm``, counted per triangle).
 * Voxels are found with ``np.rint`` (FreeSurfer truncates in ``MRIfillTriangle``).
 * ``vertex_normals`` flips a mesh that is wound inward, so normals always point outward.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -345,12 +346,14 @@ def label_bounds(
     return d_in_mm, d_out_mm
 
 
+@functools.cache
 def _barycentric_grid(n_intervals: int) -> NDArray[np.float64]:
-    """All barycentric weights ``(i, j, n - i - j) / n`` of a triangle, shape (S, 3)."""
+    """All barycentric weights ``(i, j, n - i - j) / n`` of a triangle, shape (S, 3), read-only."""
     i, j = np.triu_indices(n_intervals + 1)
     j = j - i
-    ij = np.stack([i, j, n_intervals - i - j], axis=1)
-    return ij / n_intervals
+    weights = np.stack([i, j, n_intervals - i - j], axis=1) / n_intervals
+    weights.setflags(write=False)
+    return weights
 
 
 def _quantised_intervals(longest_mm: NDArray, step_mm: float) -> NDArray[np.intp]:
@@ -364,22 +367,39 @@ def _quantised_intervals(longest_mm: NDArray, step_mm: float) -> NDArray[np.intp
     return -(-n // unit) * unit
 
 
+def _corner_range(corners: NDArray) -> tuple[NDArray, NDArray]:
+    """Per-axis minimum and maximum over the 3 corners of (T, 3, 3) triangles (numpy's reduction
+    over a middle axis of length 3 is several times slower)."""
+    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
+    return np.minimum(np.minimum(a, b), c), np.maximum(np.maximum(a, b), c)
+
+
 def _mark_triangles(
     corners_vox: NDArray, n_intervals: int, shape: tuple[int, ...], covered: NDArray
 ) -> None:
-    """Set ``covered`` (flat bool) at the voxels of barycentric samples of the triangles."""
+    """Set ``covered`` (flat bool) at the voxels of barycentric samples of the triangles.
+
+    Samples are convex mixes of their corners and ``np.rint`` is monotone, so a triangle whose
+    corners round into the volume has every sample there: the bounds are checked only for the
+    others.
+    """
     weights_t = _barycentric_grid(n_intervals).T.copy()
     chunk = max(1, _CHUNK_BYTES // (_BYTES_PER_SAMPLE * weights_t.shape[1]))
-    for start in range(0, len(corners_vox), chunk):
-        block = corners_vox[start : start + chunk]
-        flat = np.zeros((len(block), weights_t.shape[1]), dtype=np.intp)
-        valid = np.ones(flat.shape, dtype=bool)
-        for axis, size in enumerate(shape):
-            ijk = np.rint(block[:, :, axis] @ weights_t).astype(np.intp)
-            valid &= (ijk >= 0) & (ijk < size)
-            flat *= size
-            flat += ijk
-        covered[flat[valid]] = True
+    size = np.asarray(shape)
+    low, high = _corner_range(np.rint(corners_vox))
+    inside = np.all((low >= 0) & (high < size), axis=1)
+    for part, checked in ((corners_vox[inside], False), (corners_vox[~inside], True)):
+        for start in range(0, len(part), chunk):
+            block = part[start : start + chunk]
+            flat = np.zeros((len(block), weights_t.shape[1]), dtype=np.intp)
+            valid = np.ones(flat.shape, dtype=bool) if checked else None
+            for axis, n in enumerate(shape):
+                ijk = np.rint(block[:, :, axis] @ weights_t).astype(np.intp)
+                if checked:
+                    valid &= (ijk >= 0) & (ijk < n)
+                flat *= n
+                flat += ijk
+            covered[flat[valid] if checked else flat] = True
 
 
 def shell_voxels(
@@ -398,7 +418,7 @@ def shell_voxels(
     (rather than testing inside/outside a projected surface) is immune to the folds a large
     projection creates. ``dist_mm`` is one signed distance or one per vertex (the same sign
     throughout); each corner's depths span 0 to its distance inclusive, with spacing <= ``step_mm``
-    for the largest.
+    for the largest of its triangle (each triangle has its own number of depths).
 
     Deviation from FreeSurfer: the barycentric step is chosen per triangle so the in-plane sample
     spacing is <= ``step_mm`` (``ceil(longest edge / step_mm)`` intervals per edge, at least
@@ -421,14 +441,21 @@ def shell_voxels(
     corner_offsets_mm = corner_dist_mm[..., None] * np.asarray(normals, dtype=float)[tris]
     upper_vox = np.asarray(shape) - 0.5
     covered = np.zeros(int(np.prod(shape)), dtype=bool)
-    longest_mm = float(np.abs(corner_dist_mm).max()) if tris.size else 0.0
-    n_depths = int(np.ceil(longest_mm / step_mm - 1e-9)) + 1
-    for frac in np.linspace(0.0, 1.0, n_depths):
-        moved_mm = corners_mm + frac * corner_offsets_mm
+    # each triangle gets its own depths (spacing <= step_mm for its longest corner distance),
+    # and all (triangle, depth) pairs are swept together, a chunk at a time
+    n_depths = np.ceil(np.abs(corner_dist_mm).max(axis=1) / step_mm - 1e-9).astype(np.intp)
+    counts = n_depths + 1
+    pair_tri = np.repeat(np.arange(len(tris)), counts)
+    pair_frac = (np.arange(len(pair_tri)) - np.repeat(np.cumsum(counts) - counts, counts)) / (
+        np.maximum(n_depths[pair_tri], 1)
+    )
+    chunk = max(1, _CHUNK_BYTES // (_BYTES_PER_SAMPLE * 9))
+    for start in range(0, len(pair_tri), chunk):
+        tri, frac = pair_tri[start : start + chunk], pair_frac[start : start + chunk]
+        moved_mm = corners_mm[tri] + frac[:, None, None] * corner_offsets_mm[tri]
         moved_vox = moved_mm @ rot.T + shift
-        hits = np.all(
-            (moved_vox.max(axis=1) >= -0.5) & (moved_vox.min(axis=1) <= upper_vox), axis=1
-        )
+        low, high = _corner_range(moved_vox)
+        hits = np.all((high >= -0.5) & (low <= upper_vox), axis=1)
         moved_mm, moved_vox = moved_mm[hits], moved_vox[hits]
         edges_mm = moved_mm - np.roll(moved_mm, 1, axis=1)
         n_intervals = _quantised_intervals(np.linalg.norm(edges_mm, axis=2).max(axis=1), step_mm)
