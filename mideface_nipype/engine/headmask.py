@@ -7,6 +7,8 @@ because it works on array axes it is independent of the image orientation. Writt
 description in ``docs/mideface-algorithm.md`` section 2.5, not from FreeSurfer code.
 """
 
+import itertools
+
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
@@ -45,12 +47,15 @@ def rescale_to_uchar(data: np.ndarray, *, robust_max_frac: float = ROBUST_MAX_FR
     """
     if not 0.0 < robust_max_frac <= 1.0:
         raise ValueError(f"robust_max_frac must be in (0, 1], got {robust_max_frac}")
-    values = np.nan_to_num(np.asarray(data, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.array(data, dtype=np.float64)
+    if not np.issubdtype(np.asarray(data).dtype, np.integer):
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     positive = values[values > 0]
     if positive.size == 0:
         return np.zeros(values.shape)
     robust_max = np.quantile(positive, robust_max_frac)
-    return np.clip(values * (_UCHAR_MAX / robust_max), 0.0, _UCHAR_MAX)
+    values *= _UCHAR_MAX / robust_max
+    return np.clip(values, 0.0, _UCHAR_MAX, out=values)
 
 
 def air_threshold(intensity: np.ndarray, thresh1: float = THRESH1) -> float:
@@ -153,12 +158,25 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     fixed point does not depend on the axis order, so the mask does not depend on orientation.
     ``mri_seghead`` also removes islands first; the flood-filled region is one component already.
     """
-    while True:
-        previous = mask
-        for plane_normal in (None, 0, 1, 2):
-            mask = _fill_holes_in(mask, plane_normal)
-        if np.array_equal(mask, previous):
-            return mask
+    filled = np.zeros_like(mask)
+    if not mask.any():
+        return filled
+    # holes lie inside the mask's bounding box: fill there (with one voxel of background around)
+    box = []
+    for axis in range(3):
+        used = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(int(used[0]) - 1, 0), int(used[-1]) + 2))
+    box = tuple(box)
+    inner = mask[box]
+    fills = (None, 0, 1, 2)
+    unchanged = 0  # fills in a row that changed nothing: all four make the fixed point
+    for plane_normal in itertools.cycle(fills):
+        before = inner
+        inner = _fill_holes_in(inner, plane_normal)
+        unchanged = unchanged + 1 if np.array_equal(inner, before) else 0
+        if unchanged == len(fills):
+            filled[box] = inner
+            return filled
 
 
 def seghead(
