@@ -621,6 +621,19 @@ def test_bad_input_is_refused_cleanly(tmp_path, capsys, case, output):
         assert not out_dir.exists()
 
 
+def test_a_rewritten_gzip_is_read_to_its_end_again(tmp_path):
+    """The gzip stream is read to its end once per file and process; the same name written again
+    (corrupt only inside the stream, which nibabel does not see) is checked again."""
+    path = tmp_path / "head.nii.gz"
+    shutil.copyfile(HEAD, path)
+    io.load_volume(path)
+    io.load_volume(path)  # the second time from the memo
+    corrupt, _ = _bad_input(tmp_path, "corrupt gzip")
+    os.replace(corrupt, path)
+    with pytest.raises(io.InputError, match="corrupt"):
+        io.load_volume(path)
+
+
 def test_max_gb_is_read_from_the_header_of_a_real_head(tmp_path, capsys, head, no_engine):
     refused(["--i", head, "--odir", tmp_path / "od", "--max-gb", "0.01"], capsys, [head], "0.01")
     assert io.needed_gb(nib.load(head).shape) < io.DEFAULT_MAX_GB

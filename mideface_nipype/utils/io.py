@@ -187,14 +187,24 @@ def _check_scaling(img: nib.spatialimages.SpatialImage, data: np.ndarray, path: 
         )
 
 
+#: Files whose gzip stream was read to its end in this process: (path, inode, size, mtime).
+_GZIP_CHECKED: set[tuple[str, int, int, int]] = set()
+
+
 def _check_gzip(path: Path) -> None:
-    """Read a gzip stream to its end: only there its CRC shows corruption (nibabel stops early)."""
+    """Read a gzip stream to its end: only there its CRC shows corruption (nibabel stops early).
+
+    Once per file and process (the steps of a run read the same input one after another); a
+    file written again has another inode, size or time and is read again.
+    """
     try:
         with open(path, "rb") as fh:
             magic = fh.read(2)
+            info = os.fstat(fh.fileno())
     except OSError as err:
         raise InputError(f"cannot be read ({err.strerror})", path=path) from err
-    if magic != b"\x1f\x8b":
+    key = (str(Path(path).resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if magic != b"\x1f\x8b" or key in _GZIP_CHECKED:
         return
     try:
         with gzip.open(path) as stream:
@@ -204,6 +214,7 @@ def _check_gzip(path: Path) -> None:
         reason = " ".join(str(err).split())
         message = f"the compressed data are truncated or corrupt ({reason})"
         raise InputError(message, path=path) from err
+    _GZIP_CHECKED.add(key)
 
 
 def stored_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
