@@ -25,8 +25,8 @@ from mideface_nipype.cli import mideface_bids as bids_cli
 from mideface_nipype.utils import io
 
 ARRAY_RECIPE = Path(__file__).resolve().parents[1] / "workflows" / "run_dataset_slurm_array.py"
-#: The array test's dataset: one real T1w head per participant (four participants).
-ARRAY_HEADS = FACE_HEADS[:4]
+#: The array test's dataset: one real T1w head per participant (two participants, two tasks).
+ARRAY_HEADS = FACE_HEADS[:2]
 #: Largest ratio of the array's CPU seconds to MultiProc's for the same participants.
 MAX_ARRAY_CPU_RATIO = 1.15
 
@@ -84,7 +84,7 @@ def _task_args(**kwargs) -> argparse.Namespace:
 
 
 def test_array_task_picks_its_participant_and_locks_only_it(tmp_path, monkeypatch):
-    bids_dir = make_participants(tmp_path / "bids", ARRAY_HEADS[:3])
+    bids_dir = make_participants(tmp_path / "bids", FACE_HEADS[:3])
     out = tmp_path / "out"
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     assert bids_cli.slurm_array_task(_task_args(), bids_dir, out) == (None, {out: "output folder"})
@@ -139,7 +139,7 @@ def test_slurm_run_matches_multiproc(plugin, reference, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def four_participants(tmp_path_factory) -> tuple[Path, Path, float]:
+def array_dataset(tmp_path_factory) -> tuple[Path, Path, float]:
     """(BIDS dir, its MultiProc derivatives, the CPU seconds that run used)."""
     base = tmp_path_factory.mktemp("array")
     bids_dir = make_participants(base / "bids", ARRAY_HEADS)
@@ -151,9 +151,9 @@ def four_participants(tmp_path_factory) -> tuple[Path, Path, float]:
 
 @needs_slurm
 @pytest.mark.slow
-def test_slurm_array_one_participant_per_task(four_participants, tmp_path):
+def test_slurm_array_one_participant_per_task(array_dataset, tmp_path):
     """The array recipe: same bytes as MultiProc, and no more than 15 % more CPU."""
-    bids_dir, multiproc, multiproc_cpu_s = four_participants
+    bids_dir, multiproc, multiproc_cpu_s = array_dataset
     out, work = tmp_path / "out", tmp_path / "w"
     cmd = [sys.executable, ARRAY_RECIPE, bids_dir, out, "--work-dir", work, "--wait", "--"]
     proc = subprocess.run([str(c) for c in [*cmd, *DEFACE_OPTIONS]], capture_output=True, text=True)
