@@ -309,18 +309,18 @@ def _prior_stack(atlas: Atlas, fwhm_mm: dict[str, float]) -> tuple[np.ndarray, n
     affine = images[0].affine
     stack = np.stack([np.asarray(img.dataobj, np.float32) for img in images], -1)
     lo, hi, fade = SKULL_SHELL_MM
+    zooms = voxel_sizes(affine)
     if fade > 0:
         idx = {c: i for i, c in enumerate(CLASSES)}
-        brain = stack[..., [idx[c] for c in BRAIN_CLASSES]].sum(-1) > 0.5
-        dist = ndi.distance_transform_edt(
-            ~ndi.binary_fill_holes(brain), sampling=voxel_sizes(affine)
-        )
+        brain = ndi.binary_fill_holes(stack[..., [idx[c] for c in BRAIN_CLASSES]].sum(-1) > 0.5)
+        # the shell ends ``fade`` mm from the brain: distances are needed in its box only
+        box = _crop_box(brain, margin=int(np.ceil(fade / zooms.min())) + 1)
+        dist = ndi.distance_transform_edt(~brain[box], sampling=zooms)
         shell = np.clip(dist / max(lo, 1e-6), 0, 1) * np.clip((fade - dist) / (fade - hi), 0, 1)
-        bone, soft = stack[..., idx["bone"]], stack[..., idx["soft"]]
+        bone, soft = stack[..., idx["bone"]][box], stack[..., idx["soft"]][box]
         gain = np.clip(np.minimum(SKULL_SHELL_BONE * shell, bone + soft) - bone, 0, None)
         bone += gain
         soft -= gain
-    zooms = voxel_sizes(affine)
     for k, fwhm in enumerate(blur):
         if fwhm > 0:
             stack[..., k] = ndi.gaussian_filter(stack[..., k], fwhm / 2.355 / zooms, mode="nearest")
