@@ -270,7 +270,7 @@ def search_grids(reference) -> dict:
     img = nib.load(REF_PATH)
     return {
         "head": np.asarray(headmask.head_mask(img).dataobj) > 0,
-        "atlas": register.head_grids(atlas.head_image()).search,
+        "atlas": register.masked_grid(atlas.head_image(), register.SEARCH_MM),
     }
 
 
@@ -288,7 +288,7 @@ def test_every_axis_order_head_mask_and_pose_search(reference, search_grids, geo
     head = np.asarray(headmask.head_mask(nib.Nifti1Image(data, img.affine)).dataobj) > 0
     assert np.array_equal(head, reorient(search_grids["head"], geom))
     start = register.search_initial_pose(
-        register.head_grids(GridImage(data, img.affine, head)).search,
+        register.masked_grid(GridImage(data, img.affine, head), register.SEARCH_MM),
         search_grids["atlas"],
     )
     # a world point of the variant shows the anatomy at this world point of the original
