@@ -288,6 +288,8 @@ def _subsample(mask: np.ndarray, step: int) -> np.ndarray:
 
 
 _PRIOR_CACHE: dict[tuple, tuple] = {}
+#: Input voxels labelled at a time by ``_labels_on_input_grid`` (bounds a 1 mm head's memory).
+_LABEL_CHUNK_VOXELS = 1_000_000
 
 
 def _prior_stack(atlas: Atlas, fwhm_mm: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -554,15 +556,10 @@ def _labels_on_input_grid(
     0.4-0.7 GB and took seconds to resample everywhere.
     """
     labels = np.zeros(head.shape, dtype=np.uint8)  # air
-    index = np.nonzero(head)
-    if index[0].size == 0:
-        return labels
+    voxels = np.flatnonzero(head)
     vox = np.linalg.inv(aff_lo) @ affine  # input voxel -> low voxel
-    coords = vox[:3, :3] @ np.stack(index).astype(np.float64) + vox[:3, 3:]
     # one layer of air around the low grid: beyond it interpolation only sees the air fill value
     low = np.pad(np.argmax(post_lo, axis=-1).astype(np.uint8), 1)
-    cell = np.floor(coords).astype(np.intp) + 1  # lowest corner, in the padded grid
-    inside = np.all((cell >= 0) & (cell <= np.array(post_lo.shape[:3])[:, None]), axis=0)
     corner = low[:-1, :-1, :-1]
     uniform = np.ones(corner.shape, dtype=bool)
     for dx, dy, dz in np.ndindex(2, 2, 2):
@@ -570,13 +567,20 @@ def _labels_on_input_grid(
             low[dx : dx + corner.shape[0], dy : dy + corner.shape[1], dz : dz + corner.shape[2]]
             == corner
         )
-    at = tuple(cell[:, inside])
-    out = np.zeros(index[0].size, dtype=np.uint8)
-    out[inside] = corner[at]
-    mixed = np.flatnonzero(inside)[~uniform[at]]
-    if mixed.size:
+    last_cell = np.array(post_lo.shape[:3])[:, None]
+    flat_labels = labels.reshape(-1)
+    for start in range(0, voxels.size, _LABEL_CHUNK_VOXELS):
+        chunk = voxels[start : start + _LABEL_CHUNK_VOXELS]
+        index = np.stack(np.unravel_index(chunk, head.shape)).astype(np.float64)
+        coords = vox[:3, :3] @ index + vox[:3, 3:]
+        cell = np.floor(coords).astype(np.intp) + 1  # lowest corner, in the padded grid
+        inside = np.all((cell >= 0) & (cell <= last_cell), axis=0)
+        at = tuple(cell[:, inside])
+        out = np.zeros(chunk.size, dtype=np.uint8)
+        out[inside] = corner[at]
+        mixed = np.flatnonzero(inside)[~uniform[at]]
         best = np.full(mixed.size, -np.inf, dtype=np.float32)
-        for k in range(post_lo.shape[-1]):
+        for k in range(post_lo.shape[-1] if mixed.size else 0):
             part = ndi.map_coordinates(
                 post_lo[..., k],
                 coords[:, mixed],
@@ -588,7 +592,7 @@ def _labels_on_input_grid(
             better = part > best
             out[mixed[better]] = k
             best[better] = part[better]
-    labels[index] = out
+        flat_labels[chunk] = out
     return labels
 
 
