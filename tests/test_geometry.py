@@ -109,3 +109,11 @@ def test_sample_at_head_voxels_equals_resample_there():
     assert np.allclose(got, full[target_head], rtol=1e-5, atol=1e-3)
     far = geometry.apply_affine(img.affine, np.array(img.shape[:3]) + 10.0)[None]
     assert geometry.sample_at(data, img.affine, far)[0] == 0.0
+
+
+def test_mask_box_is_the_bounding_box_with_its_margin_inside_the_volume():
+    mask = np.zeros((9, 10, 11), dtype=bool)
+    mask[1, 4, 7] = mask[3, 6, 10] = True
+    assert geometry.mask_box(mask, 0) == (slice(1, 4), slice(4, 7), slice(7, 11))
+    # the margin widens each side, but stops at the volume's faces
+    assert geometry.mask_box(mask, 2) == (slice(0, 6), slice(2, 9), slice(5, 11))

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from mideface_nipype.utils.errors import NoHeadError
+from mideface_nipype.utils.geometry import mask_box
 
 THRESH1 = 20
 """Scan-line threshold on the 0..255 rescaled image (air is below it, tissue above)."""
@@ -162,11 +163,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return filled
     # holes lie inside the mask's bounding box: fill there (with one voxel of background around)
-    box = []
-    for axis in range(3):
-        used = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(int(used[0]) - 1, 0), int(used[-1]) + 2))
-    box = tuple(box)
+    box = mask_box(mask, 1)
     inner = mask[box]
     fills = (None, 0, 1, 2)
     unchanged = 0  # fills in a row that changed nothing: all four make the fixed point

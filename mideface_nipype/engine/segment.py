@@ -40,7 +40,7 @@ from scipy import ndimage as ndi
 
 from mideface_nipype.engine.atlas import CLASSES, Atlas
 from mideface_nipype.engine.exclusion import XMASK_DILATE_VOX, finish_exclusion_mask
-from mideface_nipype.utils.geometry import smooth_downsample, voxel_sizes
+from mideface_nipype.utils.geometry import mask_box, smooth_downsample, voxel_sizes
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,13 +104,6 @@ class Segmentation:
     icv_ml: float = 0.0  # csf + gm + wm posteriors summed, in mL
     iterations: int = 0
     log_likelihood: list = field(default_factory=list)
-
-
-def _crop_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
 
 def _shift_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
@@ -316,7 +309,7 @@ def _prior_stack(atlas: Atlas, fwhm_mm: dict[str, float]) -> tuple[np.ndarray, n
         idx = {c: i for i, c in enumerate(CLASSES)}
         brain = ndi.binary_fill_holes(stack[..., [idx[c] for c in BRAIN_CLASSES]].sum(-1) > 0.5)
         # the shell ends ``fade`` mm from the brain: distances are needed in its box only
-        box = _crop_box(brain, margin=int(np.ceil(fade / zooms.min())) + 1)
+        box = mask_box(brain, int(np.ceil(fade / zooms.min())) + 1)
         dist = ndi.distance_transform_edt(~brain[box], sampling=zooms)
         shell = np.clip(dist / max(lo, 1e-6), 0, 1) * np.clip((fade - dist) / (fade - hi), 0, 1)
         bone, soft = stack[..., idx["bone"]][box], stack[..., idx["soft"]][box]
@@ -395,7 +388,7 @@ def segment(
     head_lo = smooth_downsample(head.astype(np.float32), affine, segment_mm)[0] > 0.5
     if not head_lo.any():
         raise ValueError("the head mask is empty on the segmentation grid")
-    box = _crop_box(head_lo, margin=2)
+    box = mask_box(head_lo, 2)
     data_lo, head_lo = data_lo[box], head_lo[box]
     aff_lo = _shift_affine(aff_lo, box)
     shape_lo = data_lo.shape
@@ -539,7 +532,7 @@ def _to_input_grid(
     out = np.zeros(head.shape + (post_lo.shape[-1],), dtype=np.float32)
     out[..., 0] = 1.0
     if head.any():
-        box = _crop_box(head, margin=1)
+        box = mask_box(head, 1)
         for k, part in enumerate(_posterior_parts(post_lo, aff_lo, head, affine, box)):
             out[box + (k,)] = part
     return out

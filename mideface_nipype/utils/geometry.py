@@ -40,6 +40,17 @@ class GridImage(NamedTuple):
     mask: np.ndarray
 
 
+def mask_box(mask: np.ndarray, margin_vox: int) -> tuple[slice, ...]:
+    """The slices of a (non-empty) 3-D mask's bounding box, ``margin_vox`` voxels wider on each
+    side within the volume (per-axis projections: ``np.argwhere`` of a 1 mm head costs 0.25 s)."""
+    box = []
+    for axis in range(3):
+        used = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        lo = max(int(used[0]) - margin_vox, 0)
+        box.append(slice(lo, min(int(used[-1]) + margin_vox + 1, mask.shape[axis])))
+    return tuple(box)
+
+
 def centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World position (RAS mm) of the centre of a mask's voxels."""
     return apply_affine(affine, np.argwhere(mask).mean(0)[None])[0]
