@@ -245,6 +245,28 @@ def test_search_distances_real_eroded_head(real_head, eroded_surface):
     assert np.mean(np.abs(d_out - expected_mm) <= 2.0 + 2 * step_mm) > 0.75
 
 
+def test_search_distances_same_for_any_memory_order(real_head, eroded_surface):
+    """A mask as nibabel reads it (Fortran order), in C order and as numbers gives the same
+    distances: voxels are looked up in the mask's own memory order, not copied."""
+    head, affine = real_head
+    verts, faces = eroded_surface
+    normals = bk.vertex_normals(verts, faces)
+    step_mm = bk.step_size_mm(affine)
+    masks = [np.ascontiguousarray(head > 0.5), np.asfortranarray(head > 0.5)]
+    masks.append(np.asfortranarray(head).astype(np.float32))
+    assert masks[1].flags.f_contiguous and not masks[1].flags.c_contiguous
+    for outward in (False, True):
+        found = [
+            bk.search_distances(
+                verts, normals, m, affine, max_mm=30.0, step_mm=step_mm, outward=outward
+            )
+            for m in masks
+        ]
+        assert found[0].any() or not outward
+        for other in found[1:]:
+            np.testing.assert_array_equal(other, found[0])
+
+
 def test_label_bounds_percentile_and_clamp():
     spec = bk.LabelSpec("x")
     d_in, d_out = bk.label_bounds(np.arange(10.0)[::-1], np.arange(10.0), spec)

@@ -260,7 +260,8 @@ def search_distances(
     nrm = np.asarray(normals, dtype=float).reshape(-1, 3)
     if pts.shape != nrm.shape:
         raise ValueError(f"points {pts.shape} and normals {nrm.shape} differ in shape")
-    in_head = np.asarray(head) > 0.5
+    in_head = np.asarray(head)
+    in_head = in_head if in_head.dtype == bool else in_head > 0.5
     if in_head.ndim != 3:
         raise ValueError(f"head must be 3-D, got shape {in_head.shape}")
     if step_mm <= 0:
@@ -269,8 +270,13 @@ def search_distances(
     steps = np.arange(max(0, int(np.ceil(max_mm / step_mm))) + 1)
     steps = steps[steps * step_mm < max_mm]
     signed_d_mm = (1.0 if outward else -1.0) * steps * step_mm
-    flat_head = in_head.ravel()
-    shape = in_head.shape
+    # look voxels up in the mask's own memory order: a Fortran-ordered mask (as nibabel reads
+    # one) raveled in C order is a whole copy per call (0.07 s on a 176x256x256 grid)
+    order = "F" if in_head.flags.f_contiguous and not in_head.flags.c_contiguous else "C"
+    flat_head = in_head.ravel(order=order)
+    axes = list(enumerate(in_head.shape))
+    if order == "F":
+        axes.reverse()
     pts_vox = pts @ rot.T + shift
     nrm_vox = nrm @ rot.T
     first = np.full(len(pts), len(steps), dtype=np.intp)
@@ -282,7 +288,7 @@ def search_distances(
         block_pts, block_nrm = pts_vox[rows], nrm_vox[rows]
         inside_pad = np.ones((len(block_pts), len(steps)), dtype=bool)
         flat = np.zeros(inside_pad.shape, dtype=np.intp)
-        for axis, size in enumerate(shape):
+        for axis, size in axes:
             ijk = np.rint(block_pts[:, axis, None] + signed_d_mm * block_nrm[:, axis, None])
             inside_pad &= (ijk >= pad_vox) & (ijk <= size - 1 - pad_vox)
             flat = flat * size + np.clip(ijk, 0, size - 1).astype(np.intp)
