@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +26,7 @@ from mideface_nipype.utils.geometry import (
     anti_alias,
     apply_affine,
     centroid_mm,
+    iso_grid,
     resample,
     sample_at,
     smooth_downsample,
@@ -176,9 +177,30 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else -1.0
 
 
+def _bin_index(values: np.ndarray, bins: int) -> np.ndarray:
+    """Each value's bin among ``bins`` equal bins from its minimum to its maximum (the last
+    bin closed, a constant sample widened by 0.5 each side), as ``np.histogram`` bins them."""
+    lo, hi = values.min(), values.max()
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)  # in the values' precision, as numpy's are
+    scale = bins / (float(hi) - float(lo))
+    index = np.minimum(((values - float(lo)) * scale).astype(np.intp), bins - 1)
+    # the product can miss by one bin within an ulp of an edge (integer intensities sit on
+    # edges often): settle against the edges themselves, as np.histogram does
+    index -= values < edges[index]
+    index += (values >= edges[index + 1]) & (index < bins - 1)
+    return index
+
+
 def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
-    """Mutual information (nats) of two intensity samples: works across contrasts."""
-    hist, _, _ = np.histogram2d(a, b, bins=bins)
+    """Mutual information (nats) of two intensity samples: works across contrasts.
+
+    The joint histogram is counted with ``np.bincount`` (``np.histogram2d`` searches the bin
+    edges for every sample: 14 times slower, and the pose search and check call this ~200
+    times per coregistration)."""
+    pair = _bin_index(np.asarray(a), bins) * bins + _bin_index(np.asarray(b), bins)
+    hist = np.bincount(pair, minlength=bins * bins).reshape(bins, bins)
     joint = hist / max(hist.sum(), 1.0)
     pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
     nz = joint > 0
@@ -341,21 +363,38 @@ def check_registration(
     return dice, ratio
 
 
-def masked_grid(head: GridImage, spacing_mm: float) -> GridImage:
-    """The head (zero outside its mask) and its mask on an axis-aligned RAS ``spacing_mm`` grid."""
-    masked = np.where(head.mask > 0, head.data, 0).astype(np.float32)
-    image, image_aff = smooth_downsample(masked, head.affine, spacing_mm)
+def anti_aliased_head(head: GridImage, spacing_mm: float) -> np.ndarray:
+    """The head (zero outside its mask) on its own grid, smoothed for sampling at ``spacing_mm``."""
+    return anti_alias(
+        np.where(head.mask > 0, head.data, 0).astype(np.float32), head.affine, spacing_mm
+    )
+
+
+def masked_grid(
+    head: GridImage, spacing_mm: float, smoothed: np.ndarray | None = None
+) -> GridImage:
+    """The head (zero outside its mask) and its mask on an axis-aligned RAS ``spacing_mm`` grid.
+
+    ``smoothed`` is the head's ``anti_aliased_head`` for ``spacing_mm`` when already made.
+    """
+    if smoothed is None:
+        smoothed = anti_aliased_head(head, spacing_mm)
+    shape, grid_affine = iso_grid(head.data.shape, head.affine, spacing_mm)
+    image = resample(smoothed, head.affine, shape, grid_affine)
     mask = smooth_downsample(head.mask.astype(np.float32), head.affine, spacing_mm)[0] > 0.5
-    return GridImage(image, image_aff, mask)
+    return GridImage(image, grid_affine, mask)
 
 
 @dataclass(frozen=True)
 class HeadGrids:
     """A head as registration reads it: ``masked_grid`` at the registration spacing and, for
-    the pose search, at ``SEARCH_MM`` (None when no search is needed)."""
+    the pose search, at ``SEARCH_MM`` (None when no search is needed); ``smoothed``, its
+    ``anti_aliased_head`` at the registration spacing, when the head is the fixed one (the
+    refinement resamples it: 0.2 s to smooth a 1 mm head again)."""
 
     registration: GridImage
     search: GridImage | None
+    smoothed: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def head_grids(
@@ -363,8 +402,11 @@ def head_grids(
 ) -> HeadGrids:
     """``HeadGrids`` of a head: made once, they serve its atlas registration and the
     coregistration of each other contrast to it (a 1 mm head's smoothing costs 0.8 s)."""
+    smoothed = anti_aliased_head(head, registration_mm)
     return HeadGrids(
-        masked_grid(head, registration_mm), masked_grid(head, SEARCH_MM) if search else None
+        masked_grid(head, registration_mm, smoothed),
+        masked_grid(head, SEARCH_MM) if search else None,
+        smoothed,
     )
 
 
@@ -411,7 +453,9 @@ def register_heads(
     # then refine with the fixed head pulled into the moving head's frame: both images sit on the
     # moving grid whatever the fixed head's orientation, position and voxel grid, so the result
     # no longer depends on how the fixed head meets its own registration grid
-    smoothed = anti_alias(np.where(fixed.mask > 0, fixed.data, 0), fixed.affine, registration_mm)
+    smoothed = f_grids.smoothed
+    if smoothed is None:
+        smoothed = anti_aliased_head(fixed, registration_mm)
     for _ in range(REFINE_PASSES):
         pulled = resample(
             smoothed, fixed.affine, m.shape, m_aff, target_to_source=np.linalg.inv(matrix)
