@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 from conftest import HEADS_DIR
+from scipy.spatial.transform import Rotation
 
 from mideface_nipype.engine import register
 from mideface_nipype.engine.headmask import head_mask
@@ -52,3 +56,90 @@ def test_head_grids_keep_the_smoothed_head_they_were_made_from():
     np.testing.assert_array_equal(grids.registration.data, fresh.data)
     np.testing.assert_array_equal(grids.registration.mask, fresh.mask)
     np.testing.assert_array_equal(grids.registration.affine, fresh.affine)
+
+
+def test_registration_runs_without_importing_the_antspyx_package():
+    """The engine calls ANTs' library alone: no ``import ants`` (pandas, matplotlib,
+    statsmodels, scikit-learn: 1.2 s a process); a later ``import ants`` shares the library."""
+    code = """
+import sys
+import numpy as np
+from scipy import ndimage as ndi
+from mideface_nipype.engine import register
+head = np.zeros((40, 40, 40), np.float32)
+head[10:30, 12:28, 8:32] = 1
+head = ndi.gaussian_filter(head, 2)
+grid = np.diag([3.0, 3.0, 3.0, 1.0])
+grid[:3, 3] = -60
+shift = np.eye(4)
+shift[0, 3] = 6.0
+found = register.register_affine(
+    head, grid, ndi.shift(head, (2, 0, 0), order=1), grid, initial=np.eye(4),
+    transform="Rigid", pyramid=register.REFINE_PYRAMID,
+)
+assert np.abs(found - shift).max() < 0.2, found
+assert not {"ants", "pandas", "matplotlib", "sklearn", "statsmodels"} & set(sys.modules)
+import ants
+assert sys.modules["ants.lib"] is register.ants_library()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_transform_files_are_what_antspyx_writes_and_reads(tmp_path):
+    """Same bytes as antspyx's create_ants_transform + write_transform, and read back as
+    antspyx's read_transform reads them."""
+    ants = register.import_ants()
+    rng = np.random.default_rng(3)
+    matrix = np.eye(4)
+    matrix[:3, :3] += rng.normal(0.0, 0.1, (3, 3))
+    matrix[:3, 3] = rng.normal(0.0, 20.0, 3)
+    ours = register.ras_to_ants_transform(matrix, tmp_path / "ours.mat")
+    lps = register._LPS @ matrix @ register._LPS
+    theirs = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, matrix=lps[:3, :3], offset=lps[:3, 3]
+    )
+    ants.write_transform(theirs, str(tmp_path / "theirs.mat"))
+    assert ours.read_bytes() == (tmp_path / "theirs.mat").read_bytes()
+    read = ants.read_transform(str(ours))
+    params, centre = np.asarray(read.parameters), np.asarray(read.fixed_parameters)
+    lin = params[:9].reshape(3, 3)
+    expected = np.eye(4)
+    expected[:3, :3], expected[:3, 3] = lin, params[9:] + centre - lin @ centre
+    np.testing.assert_array_equal(
+        register.ants_transform_to_ras(ours), register._LPS @ expected @ register._LPS
+    )
+    np.testing.assert_allclose(register.ants_transform_to_ras(ours), matrix, atol=1e-4)
+
+
+def test_same_matrix_as_antspyx_registration(tmp_path):
+    """The library call gives the matrix antspyx's registration() gave with these settings."""
+    ants = register.import_ants()
+    head = _head()
+    fixed = register.masked_grid(head, register.REGISTRATION_MM)
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_euler("z", 4.0, degrees=True).as_matrix()
+    turn[:3, 3] = (2.0, -3.0, 1.0)
+    init = register.ras_to_ants_transform(turn, tmp_path / "init.mat")
+    result = ants.registration(
+        register.to_ants(fixed.data, fixed.affine),
+        register.to_ants(fixed.data, fixed.affine),
+        type_of_transform="Affine",
+        initial_transform=[str(init)],
+        aff_iterations=register.REFINE_PYRAMID[0],
+        aff_shrink_factors=register.REFINE_PYRAMID[1],
+        aff_smoothing_sigmas=register.REFINE_PYRAMID[2],
+        outprefix=str(tmp_path / "reg_"),
+    )
+    expected = register.ants_transform_to_ras(result["fwdtransforms"][-1])
+    found = register.register_affine(
+        fixed.data,
+        fixed.affine,
+        fixed.data,
+        fixed.affine,
+        initial=turn,
+        pyramid=register.REFINE_PYRAMID,
+    )
+    np.testing.assert_array_equal(found, expected)
+    assert np.abs(found - np.eye(4)).max() < 0.05

@@ -8,13 +8,17 @@ LPS; the conversion lives here and nowhere else.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import scipy.io
 from scipy.spatial.transform import Rotation
 
 from mideface_nipype.engine.atlas import Atlas
@@ -69,6 +73,11 @@ COREG_PYRAMID = ((100, 100), (4, 2), (2, 1))
 COREG_CONVERGENCE = (1e-6, 10)
 #: Seed for ANTs' metric sampling, so that a run is reproducible.
 ANTS_SEED = 1
+#: ANTs' linear stage as antspyx sets it up: Mattes MI with 32 bins on a regular 20 % sample,
+#: gradient step 0.25.
+ANTS_BINS = 32
+ANTS_SAMPLING = 0.2
+ANTS_GRADIENT_STEP = 0.25
 #: Distance (atlas mm) over which the face labels' similarity map blends into the registration's
 #: affine (smoothstep inward from the face's edge).
 SIMILAR_FACE_TAPER_MM = 18.0
@@ -96,13 +105,66 @@ def import_ants():
     return ants
 
 
-def to_ants(data: np.ndarray, affine: np.ndarray):
-    """An ANTsImage from an array on an axis-aligned RAS grid (as made by ``iso_grid``)."""
-    ants = import_ants()
+def ants_library():
+    """antspyx's compiled ANTs library (``ants.lib``) on its own, single-threaded.
+
+    ``import ants`` runs antspyx's ``__init__``, which imports pandas, matplotlib, statsmodels
+    and scikit-learn: 1.2-1.7 s in every process, for the one function the engine calls. The
+    library is registered as ``ants.lib``, so a later ``import ants`` uses this same module.
+    """
+    lib = sys.modules.get("ants.lib")
+    if lib is not None:
+        return lib
+    pin_itk_threads()
+    spec = importlib.util.find_spec("ants")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("antspyx is not installed (pip install antspyx)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = next(
+        (
+            folder / f"lib{suffix}"
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (folder / f"lib{suffix}").exists()
+        ),
+        None,
+    )
+    if path is None:
+        raise ImportError(f"antspyx's compiled library is missing from {folder}")
+    loader = importlib.machinery.ExtensionFileLoader("ants.lib", str(path))
+    lib = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("ants.lib", path, loader=loader)
+    )
+    loader.exec_module(lib)
+    sys.modules["ants.lib"] = lib
+    return lib
+
+
+def _check_ras_grid(affine: np.ndarray) -> None:
+    """ANTs images are made on axis-aligned RAS grids only (``iso_grid`` makes them)."""
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))) or np.any(
         np.diag(affine)[:3] <= 0
     ):
-        raise ValueError("to_ants expects an axis-aligned RAS grid; resample first")
+        raise ValueError("ANTs images must be on an axis-aligned RAS grid; resample first")
+
+
+def _itk_image(lib, data: np.ndarray, affine: np.ndarray):
+    """An ITK float image (library pointer) of an array on an axis-aligned RAS grid, as
+    antspyx's ``from_numpy`` makes it, and the buffer it reads (keep it while the image is
+    used: ITK does not copy it)."""
+    _check_ras_grid(affine)
+    buffer = np.ascontiguousarray(np.asarray(data, dtype=np.float32).T)
+    image = lib.fromNumpyF3(buffer, buffer.shape[::-1])
+    lps = _LPS @ affine
+    lib.setOrigin(image, tuple(float(v) for v in lps[:3, 3]))
+    lib.setSpacing(image, tuple(float(v) for v in np.diag(affine)[:3]))
+    lib.setDirection(image, np.diag([-1.0, -1.0, 1.0]))
+    return image, buffer
+
+
+def to_ants(data: np.ndarray, affine: np.ndarray):
+    """An ANTsImage from an array on an axis-aligned RAS grid (as made by ``iso_grid``)."""
+    ants = import_ants()
+    _check_ras_grid(affine)
     lps = _LPS @ affine
     return ants.from_numpy(
         np.ascontiguousarray(data, dtype=np.float32),
@@ -113,11 +175,15 @@ def to_ants(data: np.ndarray, affine: np.ndarray):
 
 
 def ants_transform_to_ras(path: str | Path) -> np.ndarray:
-    """The 4x4 RAS matrix of an ITK/ANTs affine file (maps fixed-space points to moving space)."""
-    ants = import_ants()
-    tx = ants.read_transform(str(path))
-    params = np.asarray(tx.parameters, dtype=float)
-    center = np.asarray(tx.fixed_parameters, dtype=float)
+    """The 4x4 RAS matrix of an ITK/ANTs affine file (maps fixed-space points to moving space).
+
+    The file is MATLAB v4: ``AffineTransform_<float|double>_3_3`` (the 3x3 matrix row by row,
+    then the translation) and ``fixed`` (the centre).
+    """
+    fields = scipy.io.loadmat(str(path))
+    (name,) = [k for k in fields if k.startswith("AffineTransform_") and k.endswith("_3_3")]
+    params = np.asarray(fields[name], dtype=float).ravel()
+    center = np.asarray(fields["fixed"], dtype=float).ravel()
     lin = params[:9].reshape(3, 3)
     trans = params[9:12]
     lps = np.eye(4)
@@ -127,16 +193,18 @@ def ants_transform_to_ras(path: str | Path) -> np.ndarray:
 
 
 def ras_to_ants_transform(matrix: np.ndarray, path: str | Path) -> Path:
-    """Write a RAS 4x4 (fixed -> moving points) as an ITK affine file that ANTs can read."""
-    ants = import_ants()
+    """Write a RAS 4x4 (fixed -> moving points) as an ITK affine file that ANTs can read.
+
+    The parameters are rounded to single precision, as antspyx's ``create_ants_transform`` did
+    when it wrote these files (the same bytes, so registrations start where they did).
+    """
     lps = _LPS @ matrix @ _LPS
-    tx = ants.create_ants_transform(
-        transform_type="AffineTransform",
-        dimension=3,
-        matrix=lps[:3, :3],
-        offset=lps[:3, 3],
+    params = np.r_[lps[:3, :3].ravel(), lps[:3, 3]].astype(np.float32).astype(np.float64)
+    scipy.io.savemat(
+        str(path),
+        {"AffineTransform_double_3_3": params[:, None], "fixed": np.zeros((3, 1))},
+        format="4",
     )
-    ants.write_transform(tx, str(path))
     return Path(path)
 
 
@@ -249,42 +317,47 @@ def register_affine(
 ) -> np.ndarray:
     """ANTs affine (or rigid) registration from a RAS initial matrix; returns fixed->moving RAS.
 
+    antsRegistration runs in antspyx's library (``ants_library``) with antspyx's settings for a
+    linear stage: the matrices antspyx's ``registration()`` gives, without importing antspyx.
     Both images must be on axis-aligned RAS grids (``smooth_downsample`` makes them).
     ``convergence`` (threshold, window) lets ANTs stop a level early; without it each level runs
     its full count.
     """
     iterations, shrink_factors, smoothing_sigmas = pyramid
+    counts = "x".join(str(n) for n in iterations)
     if convergence is not None:
-        iterations = _ants_convergence(iterations, *convergence)
-    ants = import_ants()
-    fixed_img = to_ants(fixed, fixed_affine)
-    moving_img = to_ants(moving, moving_affine)
+        counts = f"[{counts},{convergence[0]:g},{convergence[1]}]"
+    lib = ants_library()
+    fixed_img, fixed_buffer = _itk_image(lib, fixed, fixed_affine)
+    moving_img, moving_buffer = _itk_image(lib, moving, moving_affine)
     with tempfile.TemporaryDirectory(prefix="mideface-reg-") as tmp:
         init_path = ras_to_ants_transform(initial, Path(tmp) / "init.mat")
-        result = ants.registration(
-            fixed_img,
-            moving_img,
-            type_of_transform=transform,
-            initial_transform=[str(init_path)],
-            aff_metric=metric,
-            aff_iterations=iterations,
-            aff_shrink_factors=shrink_factors,
-            aff_smoothing_sigmas=smoothing_sigmas,
-            outprefix=str(Path(tmp) / "reg_"),
-        )
-        fwd = [p for p in result["fwdtransforms"] if p.endswith(".mat")]
-        # antspyx composes the initial transform into its output affine.
-        return ants_transform_to_ras(fwd[-1])
-
-
-def _ants_convergence(
-    iterations: tuple[int, ...], threshold: float, window: int
-) -> tuple[str, ...]:
-    """Iteration counts that antspyx joins with "x" into ANTs' ``[NxM,threshold,window]``."""
-    counts = [str(n) for n in iterations]
-    counts[0] = "[" + counts[0]
-    counts[-1] = f"{counts[-1]},{threshold:g},{window}]"
-    return tuple(counts)
+        prefix = str(Path(tmp) / "reg_")
+        # antsRegistration's arguments as antspyx's registration() passes them for a linear
+        # transform, without its two warped images (nothing here reads them)
+        images = f"{lib.ptrstr(fixed_img)},{lib.ptrstr(moving_img)}"
+        args = [
+            "--dimensionality", "3",
+            "-r", str(init_path),
+            "--metric", f"{metric}[{images},1,{ANTS_BINS},regular,{ANTS_SAMPLING}]",
+            "--transform", f"{transform}[{ANTS_GRADIENT_STEP}]",
+            "--convergence", counts,
+            "--smoothing-sigmas", "x".join(str(v) for v in smoothing_sigmas),
+            "--shrink-factors", "x".join(str(v) for v in shrink_factors),
+            "-u", "0",
+            "-z", "1",
+            "--output", f"[{prefix}]",
+            "-x", "[NA,NA]",
+            "--random-seed", str(ANTS_SEED),
+            "--float", "1",
+            "--write-composite-transform", "0",
+        ]  # fmt: skip
+        status = lib.antsRegistration(args)
+        del fixed_buffer, moving_buffer  # the images read these until here
+        if status != 0:
+            raise RuntimeError(f"antsRegistration failed (exit status {status})")
+        # the initial transform is composed into the output affine (-z 1)
+        return ants_transform_to_ras(prefix + "0GenericAffine.mat")
 
 
 #: What a refused registration's message suggests.
