@@ -22,6 +22,8 @@ from mideface_nipype.utils import geometry, io
 
 #: Three real heads for the end-to-end run (2 mm: cheap).
 E2E_HEADS = FACE_HEADS[:3]
+#: Bound of the median |change| (%) of the brain mask re-estimated on E2E_HEADS' defaced images.
+BRAIN_ML_MEDIAN_PCT = 2.5
 
 
 def test_rank_of_truth_counts_nearer_impostors_and_ties():
@@ -362,15 +364,18 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     assert row["brain_voxels_changed"] == 0
     # no brain voxel changed: N4 and Atropos in the brain mask see the same brain
     assert max(row["tissue_change_pct_max_abs"].values()) < 0.1
-    # the brain mask estimated anew on the defaced head, SyN from the original's start (IXI012
-    # -1.2 %, IXI013 +1.6 %, IXI014 +0.4 % measured): its median is bounded, a broken mask moves
-    # them all (from antspyx's own start it moved 1-10 % and jumped by 22 % on IXI015)
+    # the brain mask estimated anew on the defaced head, SyN from the original's start: its
+    # median is bounded, a broken mask moves them all (from antspyx's own start it moved 1-10 %
+    # and jumped by 22 % on IXI015). The bound sits above the noise draw's own spread: with the
+    # same engine the medians over IXI012-014 were |1.23|, |1.76|, |1.37| and |2.02| % for
+    # seeds 1, 2, 3 and 53 (single heads up to 3.2 %); faint noise in the air alone moves the
+    # measure by a median |2.6| % over 7 heads (README)
     changes = [
         abs(json.loads(path.read_text())["methods"]["mideface"]["brain_ml_change_pct"])
         for path in (out / "subjects").glob("*.json")
     ]
     assert len(changes) == len(E2E_HEADS)
-    assert 0 < row["brain_ml_change_pct_max_abs"] and np.median(changes) < 2.0
+    assert 0 < row["brain_ml_change_pct_max_abs"] and np.median(changes) < BRAIN_ML_MEDIAN_PCT
     assert row["defaced"]["probes"] == 3 * len(E2E_HEADS)
     assert row["seconds_median"] > 0 and row["peak_gb_max"] > 0
     # outputs stay in the output folder, one defaced head per input
