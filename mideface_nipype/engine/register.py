@@ -144,38 +144,40 @@ def ants_library():
     return lib
 
 
-def _check_ras_grid(affine: np.ndarray) -> None:
-    """ANTs images are made on axis-aligned RAS grids only (``iso_grid`` makes them)."""
+def _ants_geometry(affine: np.ndarray) -> tuple[tuple, tuple, np.ndarray]:
+    """(origin, spacing, direction) in ANTs' LPS terms of an axis-aligned RAS grid (``iso_grid``
+    makes them; ANTs images are made on such grids only)."""
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))) or np.any(
         np.diag(affine)[:3] <= 0
     ):
         raise ValueError("ANTs images must be on an axis-aligned RAS grid; resample first")
+    lps = _LPS @ affine
+    origin = tuple(float(v) for v in lps[:3, 3])
+    return origin, tuple(float(v) for v in np.diag(affine)[:3]), np.diag([-1.0, -1.0, 1.0])
 
 
 def _itk_image(lib, data: np.ndarray, affine: np.ndarray):
     """An ITK float image (library pointer) of an array on an axis-aligned RAS grid, as
     antspyx's ``from_numpy`` makes it, and the buffer it reads (keep it while the image is
     used: ITK does not copy it)."""
-    _check_ras_grid(affine)
+    origin, spacing, direction = _ants_geometry(affine)
     buffer = np.ascontiguousarray(np.asarray(data, dtype=np.float32).T)
     image = lib.fromNumpyF3(buffer, buffer.shape[::-1])
-    lps = _LPS @ affine
-    lib.setOrigin(image, tuple(float(v) for v in lps[:3, 3]))
-    lib.setSpacing(image, tuple(float(v) for v in np.diag(affine)[:3]))
-    lib.setDirection(image, np.diag([-1.0, -1.0, 1.0]))
+    lib.setOrigin(image, origin)
+    lib.setSpacing(image, spacing)
+    lib.setDirection(image, direction)
     return image, buffer
 
 
 def to_ants(data: np.ndarray, affine: np.ndarray):
     """An ANTsImage from an array on an axis-aligned RAS grid (as made by ``iso_grid``)."""
     ants = import_ants()
-    _check_ras_grid(affine)
-    lps = _LPS @ affine
+    origin, spacing, direction = _ants_geometry(affine)
     return ants.from_numpy(
         np.ascontiguousarray(data, dtype=np.float32),
-        origin=tuple(float(v) for v in lps[:3, 3]),
-        spacing=tuple(float(v) for v in np.diag(affine)[:3]),
-        direction=np.diag([-1.0, -1.0, 1.0]),
+        origin=origin,
+        spacing=spacing,
+        direction=direction,
     )
 
 
@@ -467,8 +469,9 @@ def masked_grid(
 class HeadGrids:
     """A head as registration reads it: ``masked_grid`` at the registration spacing and, for
     the pose search, at ``SEARCH_MM`` (None when no search is needed); ``smoothed``, its
-    ``anti_aliased_head`` at the registration spacing, when the head is the fixed one (the
-    refinement resamples it: 0.2 s to smooth a 1 mm head again)."""
+    ``anti_aliased_head`` at the registration spacing that made the first grid (None when the
+    grids were read from files): when this head is the fixed one the refinement resamples it
+    (0.2 s to smooth a 1 mm head again)."""
 
     registration: GridImage
     search: GridImage | None
