@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,31 @@ def test_rank_of_truth_counts_nearer_impostors_and_ties():
     )
     ranks = metrics.rank_of_truth(distances, np.array([0, 1, 2]))
     assert ranks.tolist() == [1, 3, 3]
+
+
+def test_hub_discounting_attacker_finds_people_a_hub_face_hides():
+    """Gallery face 0 is average-looking: nearest to every probe. Raw rank-1 credits only its
+    owner; discounting each gallery face's mean distance to the probes finds all three, and the
+    table shows both."""
+    gallery = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    # the hub owner's probe sits on the hub, the others 0.5 from it and 2.5 from their own face
+    probes = np.array([[0.0, 0.1], [0.5, 0.0], [0.0, 0.5]])
+    distances = metrics.descriptor_distances(probes, gallery)
+    truth = np.array([0, 1, 2])
+    assert metrics.rank_of_truth(distances, truth).tolist() == [1, 2, 2]
+    discounted = metrics.hub_discounted(distances)
+    assert np.allclose(discounted.mean(0), 0.0)
+    assert metrics.rank_of_truth(discounted, truth).tolist() == [1, 1, 1]
+    # the table's probes are dlib's 128-d descriptors: the same points, zero-padded
+    gallery, probes = (np.pad(x, ((0, 0), (0, 126))) for x in (gallery, probes))
+    arrays = [{"intact/0/descriptor": g} for g in gallery]
+    for arr, probe in zip(arrays, probes, strict=True):
+        arr["m/defaced/0/descriptor"], arr["m/defaced/0/detected"] = probe, np.array(True)
+    ident = eval_cli.identification(arrays, "m/defaced", [0.0])
+    assert (ident["rank1"], ident["rank1_hub_discounted"]) == (1, 3)
+    assert ident["nearest_counts"] == [3, 0, 0]
+    assert ident["rank1_hub_discounted_per_person"] == [1, 1, 1]
+    assert eval_cli._discounted(ident) == "3/3 (1/1)"
 
 
 def test_descriptor_distances_are_euclidean():
@@ -384,6 +410,9 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     )
     table = (out / "results.md").read_text()
     assert "mideface-nipype" in table and "control" in table
+    # every row has the header's cells (a Markdown pipe inside a cell is escaped)
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 4 and len({len(re.split(r"(?<!\\)\|", row)) for row in rows}) == 1
 
 
 @pytest.mark.slow

@@ -251,6 +251,19 @@ def descriptor_distances(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     return np.linalg.norm(probes[:, None, :] - gallery[None, :, :], axis=2)
 
 
+def hub_discounted(distances: np.ndarray) -> np.ndarray:
+    """Distances (probes, gallery) less each gallery face's mean distance to all the probes.
+
+    A released set of defaced heads lets an attacker see which gallery faces lie near every
+    defaced face: an average-looking face ("hub") is nearest to most probes, its own among them,
+    so raw rank-1 credits the hub's owner and misses the others. Discounting each gallery face's
+    mean distance (as cross-domain similarity local scaling does with its neighbours) takes that
+    out; it needs nothing but the probes themselves.
+    """
+    distances = np.asarray(distances, dtype=float)
+    return distances - distances.mean(axis=0, keepdims=True)
+
+
 def depth_correlation(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
     """Pearson correlation of two aligned depth maps over ``region`` where both see a surface."""
     both = region & np.isfinite(a) & np.isfinite(b)
