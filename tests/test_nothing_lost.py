@@ -621,13 +621,37 @@ def test_bad_input_is_refused_cleanly(tmp_path, capsys, case, output):
         assert not out_dir.exists()
 
 
-def test_a_rewritten_gzip_is_read_to_its_end_again(tmp_path):
-    """The gzip stream is read to its end once per file and process; the same name written again
-    (corrupt only inside the stream, which nibabel does not see) is checked again."""
+def test_a_rewritten_gzip_is_read_to_its_end_again(tmp_path, monkeypatch):
+    """The gzip stream is read to its end once per file and process, and the steps that load
+    the file again read it from memory (the same header, values, class and file name); the same
+    name written again (corrupt only inside the stream, which nibabel does not see) is checked
+    again, and a rewritten file's new values are read."""
     path = tmp_path / "head.nii.gz"
     shutil.copyfile(HEAD, path)
-    io.load_volume(path)
-    io.load_volume(path)  # the second time from the memo
+    first = io.load_volume(path)
+    decompressed = []
+    reader_read = gzip._GzipReader.read
+
+    def counted(self, size=-1):
+        decompressed.append(len(out := reader_read(self, size)))
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gzip._GzipReader, "read", counted)
+        again = io.load_volume(path)
+        io.first_frame(again)
+    # the second time from memory: only the header was decompressed (nibabel reads it in blocks)
+    assert 0 < sum(decompressed) < 1 << 16 < path.stat().st_size
+    on_disk = nib.load(path)
+    assert type(again) is type(on_disk) and again.get_filename() == str(path)
+    assert again.header.binaryblock == on_disk.header.binaryblock
+    for img in (first, again):
+        assert np.array_equal(io.stored_data(img), io.stored_data(on_disk))
+        assert np.array_equal(io.first_frame(img), io.first_frame(on_disk))
+    flipped = np.flip(io.stored_data(on_disk), 0)
+    nib.save(io.like(on_disk, flipped), tmp_path / "new.nii.gz")
+    os.replace(tmp_path / "new.nii.gz", path)
+    assert np.array_equal(io.stored_data(io.load_volume(path)), flipped)
     corrupt, _ = _bad_input(tmp_path, "corrupt gzip")
     os.replace(corrupt, path)
     with pytest.raises(io.InputError, match="corrupt"):
