@@ -174,6 +174,20 @@ def test_flipped_and_transposed_head_gives_the_same_mask(
     np.testing.assert_array_equal(seghead(reorient(ixi_data)), reorient(ixi_mask))
 
 
+def test_memory_order_does_not_change_scale_threshold_or_mask(
+    ixi_data: np.ndarray, ixi_mask: np.ndarray
+) -> None:
+    """The robust maximum and the air threshold gather voxels in memory order: the same numbers
+    for a Fortran-ordered volume (as nibabel gives) and its C-ordered copy."""
+    data = np.asfortranarray(ixi_data.astype(np.float32))
+    c_data = np.ascontiguousarray(data)
+    scaled, c_scaled = rescale_to_uchar(data), rescale_to_uchar(c_data)
+    np.testing.assert_array_equal(scaled, c_scaled)
+    assert air_threshold(scaled) == air_threshold(np.ascontiguousarray(c_scaled))
+    np.testing.assert_array_equal(seghead(data), ixi_mask)
+    np.testing.assert_array_equal(seghead(c_data), ixi_mask)
+
+
 def test_head_off_centre_uses_largest_component(ixi_data: np.ndarray, ixi_mask: np.ndarray) -> None:
     """With the head in one end of the field of view, the central seed lies in the air."""
     padding = ((0, 140), (0, 0), (0, 0))

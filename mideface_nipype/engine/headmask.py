@@ -49,12 +49,15 @@ def rescale_to_uchar(data: np.ndarray, *, robust_max_frac: float = ROBUST_MAX_FR
     if not 0.0 < robust_max_frac <= 1.0:
         raise ValueError(f"robust_max_frac must be in (0, 1], got {robust_max_frac}")
     values = np.array(data, dtype=np.float64)
-    if not np.issubdtype(np.asarray(data).dtype, np.integer):
+    if not np.issubdtype(np.asarray(data).dtype, np.integer) and not np.isfinite(values).all():
         np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    positive = values[values > 0]
+    # the voxels in memory order (nibabel's arrays are Fortran-ordered): a quantile does not
+    # depend on the order, and gathering them across the memory took 0.3 s on a 1 mm head
+    flat = values.ravel(order="K")
+    positive = flat[flat > 0]
     if positive.size == 0:
         return np.zeros(values.shape)
-    robust_max = np.quantile(positive, robust_max_frac)
+    robust_max = np.quantile(positive, robust_max_frac, overwrite_input=True)
     values *= _UCHAR_MAX / robust_max
     return np.clip(values, 0.0, _UCHAR_MAX, out=values)
 
@@ -69,7 +72,8 @@ def air_threshold(intensity: np.ndarray, thresh1: float = THRESH1) -> float:
     not the compartment) above their mean: air fills much of any head scan, so the mean lies
     between air and tissue.
     """
-    unsaturated = intensity[intensity < _UCHAR_MAX - THRESH2]
+    flat = intensity.ravel(order="K")  # memory order, as in ``rescale_to_uchar``
+    unsaturated = flat[flat < _UCHAR_MAX - THRESH2]
     tissue = unsaturated[unsaturated > unsaturated.mean()] if unsaturated.size else unsaturated
     if tissue.size == 0:
         return thresh1
