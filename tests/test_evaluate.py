@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from brain import shared_brain_mask
 from conftest import ALL_T1W_HEADS, ATLAS_SOURCES_DIR, FACE_HEADS, HEADS_DIR, default_run
 
 from mideface_nipype.cli import mideface_eval as eval_cli
+from mideface_nipype.engine import fill
 from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.evaluation import metrics, peers
 from mideface_nipype.reports import render
@@ -337,10 +339,12 @@ def test_bad_input_is_one_line_and_no_output(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _session_defacer(method: str, head: Path, out: Path, brain_mask: Path) -> list[str]:
+def _session_defacer(
+    method: str, head: Path, out: Path, brain_mask: Path, seed: int = fill.DEFAULT_SEED
+) -> list[str]:
     """A process that copies the session's run of ``head`` (``mideface --i HEAD --odir``: the
     engine and volume of the command ``eval_cli.defacer_command`` gives) to ``out``."""
-    command = _DEFACER_COMMAND(method, head, out, brain_mask)
+    command = _DEFACER_COMMAND(method, head, out, brain_mask, seed=seed)
     assert method == "mideface" and command[0] == sys.executable
     assert command[1:] == [
         "-m",
@@ -421,6 +425,30 @@ def test_e2e_rerun_reuses_cached_subjects(e2e, capsys):
     heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
     assert eval_cli.main([*heads, "--out", str(out), "--methods", "mideface"]) == 0
     assert json.loads((out / "results.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_e2e_cached_subjects_serve_their_own_seed_only(e2e, tmp_path, monkeypatch, capsys):
+    """A rerun with the same noise seed reuses every head's record; with another seed each head
+    is evaluated again (here: refused, to see it), and mideface gets that seed."""
+    out, summary = e2e
+    assert summary["seed"] == fill.DEFAULT_SEED
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)
+    heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
+
+    def evaluated_again(*args, seed, **kwargs):
+        raise RuntimeError(f"evaluated again with seed {seed}")
+
+    monkeypatch.setattr(eval_cli, "evaluate_head", evaluated_again)
+    assert eval_cli.main([*heads, "--out", str(copy), "--methods", "mideface"]) == 0
+    capsys.readouterr()
+    seeded = [*heads, "--out", str(copy), "--methods", "mideface", "--seed", "7"]
+    assert eval_cli.main(seeded) == 1
+    assert "evaluated again with seed 7" in capsys.readouterr().err
+    command = eval_cli.defacer_command("mideface", Path(heads[0]), copy / "d.nii.gz", copy, seed=7)
+    assert command[-2:] == ["--seed", "7"]
+    assert "--seed" not in eval_cli.defacer_command("mideface", Path(heads[0]), copy, copy)
 
 
 def test_sources_hold_the_independent_mask_templates():

@@ -24,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mideface_nipype.engine.fill import DEFAULT_SEED
 from mideface_nipype.evaluation import metrics
 from mideface_nipype.evaluation.peers import PEERS
 from mideface_nipype.utils import io
@@ -43,11 +44,15 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
 
-def defacer_command(method: str, head: Path, out: Path, brain_mask: Path) -> list[str]:
-    """The whole process that defaces ``head`` into ``out`` with ``method``."""
+def defacer_command(
+    method: str, head: Path, out: Path, brain_mask: Path, seed: int = DEFAULT_SEED
+) -> list[str]:
+    """The whole process that defaces ``head`` into ``out`` with ``method`` (mideface with the
+    noise ``seed``: its defaults unless another one is asked for)."""
     if method == "mideface":
         cli = [sys.executable, "-m", "mideface_nipype.cli.mideface", "--force"]
-        return [*cli, "--i", str(head), "--o", str(out)]
+        seeded = [] if seed == DEFAULT_SEED else ["--seed", str(seed)]
+        return [*cli, "--i", str(head), "--o", str(out), *seeded]
     cmd = [sys.executable, "-m", "mideface_nipype.evaluation.peers", method, str(head), str(out)]
     return [*cmd, "--brain-mask", str(brain_mask)] if method == "quickshear" else cmd
 
@@ -98,11 +103,12 @@ def evaluate_head(
     sources: Path,
     tissue: bool,
     publisher: io.Publisher,
+    seed: int = DEFAULT_SEED,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """All measurements of one head: a JSON-able record and the arrays (descriptors, depth).
 
     Files go through ``publisher`` (never onto an input); the defacers' outputs are checked by
-    it before each defacer runs."""
+    it before each defacer runs. ``seed`` is mideface's noise seed (kept in the record)."""
     img = io.load_volume(head)
     data = io.first_frame(img)
     subject_to_atlas = metrics.atlas_affine(img)
@@ -113,7 +119,7 @@ def evaluate_head(
     views = metrics.render_views(data, img.affine, to_atlas)
     arrays = _pack("intact", _faces(views), views[metrics.GALLERY_YAW_DEG].depth)
     arrays.update(_pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas)))
-    record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "methods": {}}
+    record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "seed": seed, "methods": {}}
     before = metrics.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
     for method in methods:
@@ -121,7 +127,9 @@ def evaluate_head(
         entry: dict = {}
         record["methods"][method] = entry
         try:
-            wall, peak_gb = metrics.run_measured(defacer_command(method, head, out, brain_file))
+            wall, peak_gb = metrics.run_measured(
+                defacer_command(method, head, out, brain_file, seed=seed)
+            )
         except RuntimeError as err:
             entry["error"] = str(err)
             continue
@@ -331,6 +339,14 @@ def _discounted(ident: dict) -> str:
     )
 
 
+def _method_note(method: str, summary: dict) -> str:
+    """The method's cell: its note, with the noise seed when mideface ran with another one."""
+    seed = summary.get("seed", DEFAULT_SEED)
+    if method == "mideface" and seed != DEFAULT_SEED:
+        return f"mideface-nipype (`mideface --i IN --o OUT --seed {seed}`)"
+    return METHOD_NOTES[method]
+
+
 def markdown_table(summary: dict) -> str:
     """The results table (Markdown) with the control, the chance level and the notes."""
     n = len(summary["face_heads"])
@@ -381,8 +397,9 @@ def markdown_table(summary: dict) -> str:
         )
         worst = " / ".join(_worst_person(row[v]) for v in VARIANTS)
         discounted = " / ".join(_discounted(row[v]) for v in VARIANTS)
+        note = _method_note(method, summary)
         rows.append(
-            f"| {METHOD_NOTES[method]} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
+            f"| {note} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
             f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {worst} | "
             f"{discounted} | {depth_rank} | {own} | {icp_rank} | {icp_r} | "
             f"{row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
@@ -455,6 +472,14 @@ def main(argv: list[str] | None = None) -> int:
         "independent brain mask (default: %(default)s)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="noise seed of mideface's fill (mideface --seed; default %(default)s): runs with "
+        "other seeds show how much of a count is the noise draw; a head's cached record is "
+        "reused only for the same seed",
+    )
+    parser.add_argument(
         "--no-tissue",
         dest="tissue",
         action="store_false",
@@ -494,16 +519,20 @@ def _evaluate(args, heads: list[Path], methods: tuple[str, ...], cache, results)
         files = head_outputs(head, args.out, methods)
         cache_json, cache_npz = files["json"], files["npz"]
         cached = json.loads(cache_json.read_text()) if cache_json.is_file() else None
-        if cached and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
+        reusable = cached and cached.get("seed", DEFAULT_SEED) == args.seed
+        if reusable and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
             record, arr = cached, dict(np.load(cache_npz))
         else:
-            record, arr = evaluate_head(head, args.out, methods, args.sources, args.tissue, cache)
+            record, arr = evaluate_head(
+                head, args.out, methods, args.sources, args.tissue, cache, seed=args.seed
+            )
             cache.write_bytes(_npz_bytes(arr), cache_npz)
             cache.write_text(json.dumps(record, indent=1), cache_json)
         records.append(record)
         arrays.append(arr)
         print(f"{head.name}: done", flush=True)
     summary = summarise(records, arrays, methods)
+    summary["seed"] = args.seed
     table = markdown_table(summary)
     with results.staged(args.out):
         results.write_text(json.dumps(summary, indent=1), args.out / "results.json")
