@@ -319,24 +319,21 @@ def _rate(ident: dict, key: str = "rank1") -> str:
     return f"{ident[key]}/{ident['probes']} ({100.0 * ident[key] / ident['probes']:.0f} %)"
 
 
-def _worst_person(ident: dict) -> str:
-    """The person whose own probes were ranked first most often: 'k/n'."""
-    if not ident.get("rank1_per_person"):
+def _worst_person(ident: dict, key: str = "rank1_per_person") -> str:
+    """The person whose own probes were ranked first most often (by the attacker of ``key``):
+    'k/n'."""
+    if not ident.get(key):
         return "–"
-    k = int(np.argmax(ident["rank1_per_person"]))
-    return f"{ident['rank1_per_person'][k]}/{ident['probes_per_person'][k]}"
+    k = int(np.argmax(ident[key]))
+    return f"{ident[key][k]}/{ident['probes_per_person'][k]}"
 
 
 def _discounted(ident: dict) -> str:
-    """Rank-1 of the hub-discounting attacker and its most own probes of one person: 'k/n (m)'."""
+    """Rank-1 of the hub-discounting attacker and its most own probes of one person: 'k/n (m/n)'."""
     if not ident.get("probes"):
         return "–"
-    per_person = ident["rank1_hub_discounted_per_person"]
-    k = int(np.argmax(per_person))
-    return (
-        f"{ident['rank1_hub_discounted']}/{ident['probes']} "
-        f"({per_person[k]}/{ident['probes_per_person'][k]})"
-    )
+    worst = _worst_person(ident, "rank1_hub_discounted_per_person")
+    return f"{ident['rank1_hub_discounted']}/{ident['probes']} ({worst})"
 
 
 def _method_note(method: str, summary: dict) -> str:
