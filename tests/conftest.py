@@ -3,6 +3,7 @@ and the session's cache of expensive results (``runcache``)."""
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import runcache
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 HEADS_DIR = SHARED_DIR / "data" / "heads"
 ATLAS_SOURCES_DIR = SHARED_DIR / "data" / "atlas-sources"
+#: The folder whose sitecustomize shares the session's registrations with the processes tests start.
+SHARING_PATH = str(Path(__file__).resolve().parent / "subprocesses")
 #: How a test module reaches the real data in ``../shared``.
 _USES_SHARED = re.compile(
     r"\b(HEADS_DIR|ATLAS_SOURCES_DIR|SHARED_DIR|heads_dir|default_run)\b"
@@ -104,8 +107,19 @@ def run_cache(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     runcache.configure(session / "runcache")
-    with runcache.shared_registrations():
+    with pytest.MonkeyPatch.context() as patch, runcache.shared_registrations():
+        # and in every Python process a test starts (CLI runs, SLURM jobs): sitecustomize
+        patch.setenv(runcache.CACHE_ENV, str(runcache.cache_root()))
+        patch.setenv("PYTHONPATH", SHARING_PATH, prepend=os.pathsep)
         yield runcache.cache_root()
+
+
+@contextmanager
+def unshared_subprocesses():
+    """Processes started while it holds run every registration (a test that counts their CPU)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(runcache.CACHE_ENV, raising=False)
+        yield
 
 
 @pytest.fixture

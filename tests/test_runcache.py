@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import runcache
+from conftest import unshared_subprocesses
 
 #: A process that asks for entry t/k, whose build takes a second and counts itself.
 ASK = """
@@ -29,15 +30,16 @@ print(runcache.cached_dir("t", "k", build))
 
 
 @pytest.fixture
-def own_root(tmp_path):
+def own_root(tmp_path, monkeypatch):
     saved = list(runcache._root)
+    # the session's (set for the processes tests start) would win over this folder
+    monkeypatch.delenv(runcache.CACHE_ENV, raising=False)
     runcache.configure(tmp_path / "cache")
     yield tmp_path / "cache"
     runcache._root[:] = saved
 
 
 def test_an_entry_is_built_once_for_processes_asking_together(own_root, tmp_path, monkeypatch):
-    monkeypatch.delenv(runcache.CACHE_ENV, raising=False)
     counter = tmp_path / "builds.txt"
     args = [sys.executable, "-c", ASK, str(Path(__file__).parent), str(own_root), str(counter)]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -98,3 +100,25 @@ def test_memoized_calls_once_and_fresh_registrations_restore_the_real_steps(own_
         for name, step in zip(runcache.REGISTRATION_STEPS, shared_steps, strict=True):
             assert getattr(register, name) is getattr(step, "__wrapped__", step)
     assert [getattr(register, name) for name in runcache.REGISTRATION_STEPS] == shared_steps
+
+
+#: A process that says whether its register module's steps are the session's.
+SHARED = (
+    "from mideface_nipype.engine import register; "
+    f"print(all(hasattr(getattr(register, name), '__wrapped__') for name in "
+    f"{runcache.REGISTRATION_STEPS!r}))"
+)
+
+
+def test_processes_a_test_starts_share_the_registrations():
+    """A process started by a test (a CLI run, a SLURM job) shares them; one started under
+    ``unshared_subprocesses`` (a test that counts CPU seconds) does not."""
+
+    def shared() -> str:
+        proc = subprocess.run([sys.executable, "-c", SHARED], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert shared() == "True"
+    with unshared_subprocesses():
+        assert shared() == "False"
