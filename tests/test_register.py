@@ -7,6 +7,8 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
+import runcache
 from conftest import HEADS_DIR
 from scipy.spatial.transform import Rotation
 
@@ -64,6 +66,7 @@ def test_registration_runs_without_importing_the_antspyx_package():
     code = """
 import sys
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 from mideface_nipype.engine import register
 head = np.zeros((40, 40, 40), np.float32)
@@ -143,3 +146,36 @@ def test_same_matrix_as_antspyx_registration(tmp_path):
     )
     np.testing.assert_array_equal(found, expected)
     assert np.abs(found - np.eye(4)).max() < 0.05
+
+
+def _registration_noise():
+    """``workflows/registration_noise.py`` as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "workflows" / "registration_noise.py"
+    spec = importlib.util.spec_from_file_location("registration_noise", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_registration_noise_compares_seeds_and_saved_matrices(tmp_path, capsys):
+    """Another ANTs seed moves the face a little (not 0, under 2 mm); matrices saved by the same
+    code do not move it; a missing --against file is one line and exit 2."""
+    noise = _registration_noise()
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "IXI014-HH-1236-T1_ds.nii.gz").symlink_to(HEADS_DIR / "IXI014-HH-1236-T1_ds.nii.gz")
+    saved = tmp_path / "saved.npz"
+    with runcache.fresh_registrations():  # the session's are keyed without the seed
+        assert noise.main(["--heads", str(heads), "--seeds", "2", "--save", str(saved)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    seed_max, seed_mean = (float(v) for v in row.split("|")[3].split("/"))
+    assert 0 < seed_mean <= seed_max < 2.0, row
+    assert noise.main(["--heads", str(heads), "--seeds", "--against", str(saved)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 0.00 / 0.00 |")
+    with pytest.raises(SystemExit) as stop:
+        noise.main(["--heads", str(heads), "--against", str(tmp_path / "none.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].endswith(f"{tmp_path / 'none.npz'}: file not found")
