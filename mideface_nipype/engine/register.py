@@ -63,7 +63,8 @@ REFINE_THRESHOLD = 1e-5
 REFINE_WINDOW = 5
 #: The first atlas run stops the same way (ANTs' default is 1e-6) over 10 iterations: 0.2-2.6 s
 #: less a head, and after the refining runs the face lands within 0.42 mm of the 1e-6 result on
-#: all 9 T1w heads (a window of 5 here moved faces by up to 0.52 mm).
+#: all 9 T1w heads. A window of 5 here moved faces by up to 0.51 mm, but made them depend more
+#: on ANTs' seed: colin27's 2.05 mm apart between seeds 1 and 3 (0.66 mm with 10).
 ATLAS_CONVERGENCE = (REFINE_THRESHOLD, 10)
 #: Refining runs on the moving grid. On the subject's own grid, the same head turned or shifted
 #: in the world ended 0.5-2 mm apart at the face (it meets the grid differently); two runs on the
