@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -66,7 +68,6 @@ def test_registration_runs_without_importing_the_antspyx_package():
     code = """
 import sys
 import numpy as np
-import pytest
 from scipy import ndimage as ndi
 from mideface_nipype.engine import register
 head = np.zeros((40, 40, 40), np.float32)
@@ -150,9 +151,6 @@ def test_same_matrix_as_antspyx_registration(tmp_path):
 
 def _registration_noise():
     """``workflows/registration_noise.py`` as a module."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "workflows" / "registration_noise.py"
     spec = importlib.util.spec_from_file_location("registration_noise", path)
     module = importlib.util.module_from_spec(spec)
