@@ -151,8 +151,9 @@ def cached_dir(kind: str, name: str, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def memoized(kind: str, func: Callable) -> Callable:
-    """``func`` with its results shared by the session (pickled; keyed by every argument)."""
+def memoized(kind: str, func: Callable, settings: Callable[[], object] | None = None) -> Callable:
+    """``func`` with its results shared by the session (pickled; keyed by every argument and by
+    what ``settings()`` returns at the call: module constants the function reads)."""
 
     @functools.wraps(func)
     def shared(*args, **kwargs):
@@ -160,7 +161,7 @@ def memoized(kind: str, func: Callable) -> Callable:
             (folder / "result.pkl").write_bytes(pickle.dumps(func(*args, **kwargs)))
 
         try:
-            name = key(kind, args, kwargs)
+            name = key(kind, args, kwargs, settings() if settings else None)
         except TypeError:  # an argument without a value to key by: not shared
             return func(*args, **kwargs)
         entry = cached_dir(kind, name, build)
@@ -173,12 +174,17 @@ def memoized(kind: str, func: Callable) -> Callable:
 def shared_registrations() -> Iterator[None]:
     """While it holds, the pose search and ANTs optimisations of ``mideface_nipype.engine.register``
     (the engine's in-process nodes, ``evaluate.align_to_atlas``, the tests) are computed once per
-    session for the same arrays and options, in whatever test or worker first needs them."""
+    session for the same arrays, options and ``ANTS_*`` settings, in whatever test or worker
+    first needs them."""
     from mideface_nipype.engine import register
 
     saved = {name: getattr(register, name) for name in REGISTRATION_STEPS}
+
+    def settings() -> dict:  # ANTs' seed, sampling, bins and step, as the steps read them
+        return {name: getattr(register, name) for name in dir(register) if name.startswith("ANTS_")}
+
     for name, func in saved.items():
-        setattr(register, name, memoized(f"register.{name}", func))
+        setattr(register, name, memoized(f"register.{name}", func, settings))
     try:
         yield
     finally:

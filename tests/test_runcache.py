@@ -92,6 +92,13 @@ def test_memoized_calls_once_and_fresh_registrations_restore_the_real_steps(own_
     assert np.array_equal(shared(np.ones(3)), [2, 2, 2])
     assert np.array_equal(shared(np.ones(3)), [2, 2, 2]) and len(calls) == 1
     assert np.array_equal(shared(np.ones(3), factor=3), [3, 3, 3]) and len(calls) == 2
+    # a setting the function reads (as register's ANTS_SEED) is part of the key
+    setting = {"seed": 1}
+    seeded = runcache.memoized("seeded", double, lambda: setting)
+    for seed in (1, 1, 2):
+        setting["seed"] = seed
+        seeded(np.ones(3))
+    assert len(calls) == 4
 
     from mideface_nipype.engine import register
 
