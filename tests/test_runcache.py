@@ -39,7 +39,7 @@ def own_root(tmp_path, monkeypatch):
     runcache._root[:] = saved
 
 
-def test_an_entry_is_built_once_for_processes_asking_together(own_root, tmp_path, monkeypatch):
+def test_an_entry_is_built_once_for_processes_asking_together(own_root, tmp_path):
     counter = tmp_path / "builds.txt"
     args = [sys.executable, "-c", ASK, str(Path(__file__).parent), str(own_root), str(counter)]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(3)]

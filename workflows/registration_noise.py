@@ -34,24 +34,32 @@ from mideface_nipype.utils.io import first_frame
 HEADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "heads"
 
 
-def register_head(path: Path, atlas, seed: int) -> tuple[np.ndarray, float]:
-    """The subject->atlas matrix with ANTs seed ``seed``, and the seconds it took."""
+def load_subject(path: Path) -> GridImage:
+    """A head as ``register_atlas`` reads it: its first frame with its head mask."""
     img = nib.load(path)
-    head = np.asarray(head_mask(img).dataobj) > 0
+    return GridImage(first_frame(img), img.affine, np.asarray(head_mask(img).dataobj) > 0)
+
+
+def register_head(subject: GridImage, atlas, seed: int) -> tuple[np.ndarray, float]:
+    """The subject->atlas matrix with ANTs seed ``seed``, and the seconds it took."""
     default_seed, register.ANTS_SEED = register.ANTS_SEED, seed
     try:
         start = time.perf_counter()
-        matrix, _ = register.register_atlas(GridImage(first_frame(img), img.affine, head), atlas)
+        matrix, _ = register.register_atlas(subject, atlas)
         return matrix, time.perf_counter() - start
     finally:
         register.ANTS_SEED = default_seed
 
 
-def face_distance_mm(atlas, face: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Largest and mean distance (mm) between the face vertices placed by matrices a and b."""
-    va, vb = (register.project_surface(atlas, m)[0][face] for m in (a, b))
-    dist = np.linalg.norm(va - vb, axis=1)
-    return float(dist.max()), float(dist.mean())
+def face_vertices(atlas, face: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The face labels' vertices (mm) placed in the subject by a subject->atlas matrix."""
+    return register.project_surface(atlas, matrix)[0][face]
+
+
+def distance_cell(placed: np.ndarray, other: np.ndarray) -> str:
+    """'largest / mean' distance (mm) between two placements of the same face vertices."""
+    dist = np.linalg.norm(placed - other, axis=1)
+    return f"{dist.max():.2f} / {dist.mean():.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,18 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * len(header))
     saved = {}
     for path in heads:
-        matrix, seconds = register_head(path, atlas, register.ANTS_SEED)
+        subject = load_subject(path)
+        matrix, seconds = register_head(subject, atlas, register.ANTS_SEED)
         saved[path.name] = matrix
-        others = [register_head(path, atlas, seed)[0] for seed in args.seeds]
+        others = [register_head(subject, atlas, seed)[0] for seed in args.seeds]
         if other:
             others.append(other.get(path.name))
-        cells = [path.name, f"{seconds:.1f}"]
-        for moved in others:
-            cells.append(
-                "-"
-                if moved is None
-                else "{:.2f} / {:.2f}".format(*face_distance_mm(atlas, face, matrix, moved))
-            )
+        placed = face_vertices(atlas, face, matrix)
+        cells = [path.name, f"{seconds:.1f}"] + [
+            "-" if moved is None else distance_cell(placed, face_vertices(atlas, face, moved))
+            for moved in others
+        ]
         print("| " + " | ".join(cells) + " |", flush=True)
     if args.save:
         np.savez(args.save, **saved)
