@@ -175,3 +175,12 @@ def test_registration_noise_compares_seeds_and_saved_matrices(tmp_path, capsys):
         noise.main(["--heads", str(heads), "--against", str(tmp_path / "none.npz")])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err[-1].endswith(f"{tmp_path / 'none.npz'}: file not found")
+    # never onto what it reads: the compared matrices (also through a link), a head
+    before = saved.read_bytes()
+    (tmp_path / "link.npz").symlink_to(saved)
+    for target in (saved, tmp_path / "link.npz"):
+        with pytest.raises(SystemExit) as stop:
+            noise.main(["--heads", str(heads), "--against", str(saved), "--save", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and f"{target}: the output would overwrite the input" in err[-1]
+    assert saved.read_bytes() == before

@@ -28,6 +28,8 @@ from mideface_nipype.engine import register
 from mideface_nipype.engine.atlas import load_atlas
 from mideface_nipype.engine.bracket import FACE_LABEL_NAMES
 from mideface_nipype.engine.headmask import head_mask
+from mideface_nipype.utils import io
+from mideface_nipype.utils.errors import OutputError
 from mideface_nipype.utils.geometry import GridImage
 from mideface_nipype.utils.io import first_frame
 
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.heads}: no *T1*.nii.gz heads")
     if args.against and not args.against.is_file():
         parser.error(f"{args.against}: file not found")
+    if args.save:
+        if args.save.suffix != ".npz":
+            parser.error(f"{args.save}: name it .npz (numpy would add that suffix)")
+        try:  # never onto a file this run reads (a head, or the matrices it compares with)
+            io.Publisher([*heads, *filter(None, [args.against])]).refuse_reads(args.save)
+        except OutputError as err:
+            parser.error(str(err))
     other = dict(np.load(args.against)) if args.against else {}
     atlas = load_atlas()
     face = atlas.in_labels(FACE_LABEL_NAMES)
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
     if args.save:
-        np.savez(args.save, **saved)
+        with io.atomic_path(args.save, suffix=".npz") as tmp:
+            np.savez(tmp, **saved)
     return 0
 
 
