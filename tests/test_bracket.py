@@ -103,7 +103,9 @@ def test_select_labels_order():
         "forehead",
         "back-of-head",
     ]
-    assert bk.FACE_LABELS[0] == bk.LabelSpec("lower-face", 2.0, 20.0, bk.FACE_OFFSET_MM)
+    assert bk.FACE_LABELS[0] == bk.LabelSpec(
+        "lower-face", 2.0, 20.0, bk.FACE_OFFSET_MM, bk.LOWER_FACE_DIST_OUT_MAX_MM
+    )
     assert bk.FACE_LABELS[2] == bk.LabelSpec("nose", 2.0, 20.0, -bk.NOSE_PULL_MM)
     assert bk.FOREHEAD_LABEL.dist_in_max_mm == 3.0
 
@@ -461,6 +463,27 @@ def test_bracket_face_honours_label_spec_depth(real_head, template):
     )
     assert thin_brackets[0].dist_in_mm < 6.0 == thick_brackets[0].dist_in_mm
     assert np.count_nonzero(np.isin(thick, (1, 2))) > 2 * np.count_nonzero(np.isin(thin, (1, 2)))
+
+
+def test_bracket_face_stops_the_outward_search_at_the_label_cap(real_head, template):
+    """A label's ``dist_out_max_mm`` bounds its outward searches, hence its DistOut and the
+    outer shell (the lower face's, so that a ray down the neck cannot thicken it)."""
+    head, affine = real_head
+    verts, faces, labels = template
+    nose = {"nose": labels["nose"]}
+    step_mm = bk.step_size_mm(affine)
+    results = {}
+    for cap_mm in (bk.DIST_OUT_MAX_MM, 3.0):
+        spec = bk.LabelSpec("nose", dist_out_max_mm=cap_mm)
+        results[cap_mm] = bk.bracket_face(
+            head, affine, verts, faces, nose, label_specs=[spec], push=False
+        )
+    (free, free_brackets, _, _), (capped, capped_brackets, _, _) = results.values()
+    assert free_brackets[0].dist_out_mm > 3.0 + step_mm
+    assert capped_brackets[0].vertex_dist_out_mm.max() <= 3.0 + step_mm
+    assert capped_brackets[0].dist_out_mm <= 3.0 + step_mm
+    outer = (bk.FACE_MASK_OUT_HEAD, bk.FACE_MASK_OUT_AIR)
+    assert np.count_nonzero(np.isin(capped, outer)) < np.count_nonzero(np.isin(free, outer))
 
 
 def test_bracket_face_ripple_changes_mask(real_head, template, base_result):

@@ -42,6 +42,7 @@ def test_defaults_name_versions_engine_values_and_references():
     # default labels: face and ears, the ears' shallow inward bound; no forehead
     assert "lower face, upper face, nose, eyes, ear left and ear right" in text
     assert "ear left and ear right: at most 3 mm" in text
+    assert f"lower face: at most {bracket.LOWER_FACE_DIST_OUT_MAX_MM:g} mm" in text
     assert "forehead" not in text and "back of head" not in text
     # the default exclusion mask comes from the segmentation, cited
     assert exclusion.DEFAULT_XMASK_SOURCE == "segment" and "SAMSEG" in text

@@ -103,19 +103,27 @@ FACE_MASK_OUT_HEAD = 3
 FACE_MASK_OUT_AIR = 4
 
 
+#: The lower face's outward searches stop here (mm): its labels reach under the chin, where a
+#: subject's chin lies up to 10-20 mm beyond the average chin, and a ray that leaves the chin
+#: and runs down the neck would give the whole label an outward bound of 30-40 mm of neck.
+LOWER_FACE_DIST_OUT_MAX_MM = 20.0
+
+
 @dataclass(frozen=True)
 class LabelSpec:
-    """A template surface label, the range allowed for its inward bracketing distance, and how
-    far the template is moved along its normals there (outward > 0)."""
+    """A template surface label, the range allowed for its inward bracketing distance, the
+    longest outward search, and how far the template is moved along its normals there
+    (outward > 0)."""
 
     name: str
     dist_in_min_mm: float = DIST_IN_MIN_MM
     dist_in_max_mm: float = DIST_IN_MAX_MM
     offset_mm: float = 0.0
+    dist_out_max_mm: float = DIST_OUT_MAX_MM
 
 
 FACE_LABELS = (
-    LabelSpec("lower-face", offset_mm=FACE_OFFSET_MM),
+    LabelSpec("lower-face", offset_mm=FACE_OFFSET_MM, dist_out_max_mm=LOWER_FACE_DIST_OUT_MAX_MM),
     LabelSpec("upper-face", offset_mm=FACE_OFFSET_MM),
     LabelSpec("nose", offset_mm=-NOSE_PULL_MM),
     LabelSpec("eyes", offset_mm=FACE_OFFSET_MM),
@@ -742,7 +750,7 @@ def bracket_face(
             normals[idx],
             in_head,
             aff,
-            max_mm=dist_out_max_mm,
+            max_mm=min(dist_out_max_mm, spec.dist_out_max_mm),
             step_mm=step_mm,
             outward=True,
         )

@@ -107,6 +107,15 @@ def _other_sentence(regheader: bool) -> str:
     )
 
 
+def _label_caps(labels, field: str, default: float) -> str:
+    """ " (nose, ears: at most 3 mm)" for the labels whose bound ``field`` is below ``default``."""
+    capped = [spec for spec in labels if getattr(spec, field) < default]
+    if not capped:
+        return ""
+    names = _listed([spec.name.replace("-", " ") for spec in capped])
+    return f" ({names}: at most {_mm(max(getattr(spec, field) for spec in capped))})"
+
+
 def methods_text(
     *,
     xmask_source: str = exclusion.DEFAULT_XMASK_SOURCE,
@@ -142,13 +151,8 @@ def methods_text(
     meta = _atlas_meta(atlas_dir)
     labels = bracket.select_labels(ears=ears, forehead=forehead, back_of_head=back_of_head)
     names = [spec.name.replace("-", " ") for spec in labels]
-    shallow = [spec for spec in labels if spec.dist_in_max_mm < bracket.DIST_IN_MAX_MM]
-    shallow_s = (
-        f" ({_listed([s.name.replace('-', ' ') for s in shallow])}: at most "
-        f"{_mm(max(s.dist_in_max_mm for s in shallow))})"
-        if shallow
-        else ""
-    )
+    shallow_s = _label_caps(labels, "dist_in_max_mm", bracket.DIST_IN_MAX_MM)
+    short_s = _label_caps(labels, "dist_out_max_mm", bracket.DIST_OUT_MAX_MM)
     atlas_s = "the face atlas of the package" if not atlas_dir else f"the face atlas in {atlas_dir}"
     start = (
         "from a transform supplied by the user"
@@ -179,8 +183,9 @@ def methods_text(
         f"vertices, between {_mm(bracket.DIST_IN_MIN_MM)} and {_mm(bracket.DIST_IN_MAX_MM)}"
         f"{shallow_s}, the outward bound the {_order(bracket.DIST_OUT_FRAC)} of the outward "
         "ones, between "
-        f"{_mm(bracket.DIST_OUT_MIN_MM)} and {_mm(bracket.DIST_OUT_MAX_MM)}. The label bounds "
-        f"were blended across label borders (Gaussian, sigma {_mm(bracket.BLEND_SIGMA_MM)}), the "
+        f"{_mm(bracket.DIST_OUT_MIN_MM)} and {_mm(bracket.DIST_OUT_MAX_MM)}{short_s}. The "
+        "label bounds were blended across label borders (Gaussian, sigma "
+        f"{_mm(bracket.BLEND_SIGMA_MM)}), the "
         f"template face was moved {_mm(bracket.FACE_OFFSET_MM)} outward and the nose "
         f"{_mm(bracket.NOSE_PULL_MM)} inward, each fading to zero at its edge, and the inward "
         f"shell stopped {_mm(bracket.XMASK_ROOM_MM)} short of the exclusion mask. The voxels "
