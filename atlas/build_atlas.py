@@ -54,8 +54,11 @@ from mideface_nipype.utils import geometry  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-#: The atlas box in MNI mm (RAS): the whole head with the face, the neck cut at z = -130.
-BOX_MIN_MM = np.array([-100.0, -140.0, -130.0])
+#: The atlas box in MNI mm (RAS): the whole head with the face and the whole chin. The average
+#: head's chin turns under at about z -130 and its signal fades below z -136 (its subjects'
+#: fields of view end there); a floor at -130 cut the chin off, and subjects' chins (the jaw
+#: relaxed, the mouth a little open) land at z -135 to -146 after the atlas registration.
+BOX_MIN_MM = np.array([-100.0, -140.0, -150.0])
 BOX_MAX_MM = np.array([100.0, 124.0, 110.0])
 BUILD_MM = 1.0
 #: ANTs pyramid of the build's one registration (MNI -> pydeface average head, 2 mm), given
@@ -88,22 +91,25 @@ EYELID_RADII_MM = (15.0, 14.0, 11.0)
 #: Pre-auricular skin: the cheeks reach back to this coronal plane, behind the ear label's front
 #: edge (y = -14), so that no unlabelled strip is left between cheek and ear.
 PREAURICULAR_Y_MM = -16.0
-#: Lower edge of the face: from below the ear (y, z) = (-10, -102) along the jaw line and the
-#: chin's underside to the front of the neck at (y, z) = (50, -124) (the average head's chin
-#: runs into its throat without a fold: menton about (0, 81, -112)). Below the menton's height
-#: only skin that does not face backwards (normal y > ``UNDER_CHIN_MIN_NORMAL_Y``); nowhere skin
-#: facing straight down (normal z <= ``UNDER_CHIN_MIN_NORMAL_Z``: from the hollows under the jaw
-#: a ray runs down the subject's neck); and only where the outward rays stay out of the head
-#: (``rays_escape``).
-JAW_BACK_MM = (-10.0, -102.0)
-JAW_FRONT_MM = (50.0, -124.0)
-MENTON_Z_MM = -112.0
+#: Lower edge of the face: from below the ear (y, z) = (-10, -118) along the jaw line and the
+#: chin's underside to the front of the neck at (y, z) = (50, -136) (the average head's chin
+#: turns under at about (0, 68, -130), the menton's height here, and its signal fades below
+#: the neck's cut). Below the menton's height only skin that does not face backwards (normal
+#: y > ``UNDER_CHIN_MIN_NORMAL_Y``); nowhere skin facing straight down (normal z <=
+#: ``UNDER_CHIN_MIN_NORMAL_Z``: from the hollows under the jaw a ray runs down the subject's
+#: neck); and only where the outward rays stay out of the head (``rays_escape``).
+JAW_BACK_MM = (-10.0, -118.0)
+JAW_FRONT_MM = (50.0, -136.0)
+MENTON_Z_MM = -130.0
 UNDER_CHIN_MIN_NORMAL_Y = -0.1
 UNDER_CHIN_MIN_NORMAL_Z = -0.85
-#: The atlas head ends at the box's floor (z = -130); below this height the skin bends into
-#: the cap that closes the cut (its normals run down the neck), so no face label reaches it,
-#: and it is left out of the comparison with the peers.
-NECK_CUT_Z_MM = -124.0
+#: Below this height the average head's signal fades (its subjects' fields of view end) and its
+#: skin bends into the floor that closes it (normals down the neck), so no face label reaches
+#: it, and it is left out of the comparison with the peers.
+NECK_CUT_Z_MM = -136.0
+#: The front of the neck (MNI y): below the neck's cut, the head is continued by the cut's
+#: slice behind this plane only (the throat), not by the chin above it.
+THROAT_Y_MM = 30.0
 #: Outward rays are checked from this depth to this length (mm) in the average head's mask.
 RAY_START_MM = 3.0
 RAY_CHECK_MM = 60.0
@@ -294,17 +300,17 @@ def rays_escape(
 
     A face vertex whose ray runs back into the head (the chin's underside near the neck, a
     fold) would set its label's outward distance to the thickness of the neck. The neck goes on
-    below the box's floor in a subject: below ``NECK_CUT_Z_MM`` its slice there stands for it.
+    below the average head's fading floor in a subject: below ``NECK_CUT_Z_MM`` the cut's slice
+    behind ``THROAT_Y_MM`` stands for it.
     """
     depths_mm = np.arange(RAY_START_MM, RAY_CHECK_MM + 1e-9, BUILD_MM)
     points = vertices[:, None, :] + depths_mm[None, :, None] * normals[:, None, :]
-    ijk = np.rint(geometry.apply_affine(np.linalg.inv(affine), points.reshape(-1, 3)))
-    ijk = ijk.astype(np.intp)
-    neck_slice = int(
-        np.rint(geometry.apply_affine(np.linalg.inv(affine), [[0, 0, NECK_CUT_Z_MM]])[0, 2])
-    )
-    ijk[:, 2] = np.maximum(ijk[:, 2], neck_slice)  # the RAS box: slices run up from the floor
+    points = points.reshape(-1, 3)
+    below = points[:, 2] < NECK_CUT_Z_MM
+    points[below, 2] = NECK_CUT_Z_MM
+    ijk = np.rint(geometry.apply_affine(np.linalg.inv(affine), points)).astype(np.intp)
     inside = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), axis=1)
+    inside &= ~below | (points[:, 1] <= THROAT_Y_MM)
     hit = np.zeros(len(ijk), dtype=bool)
     hit[inside] = mask[tuple(ijk[inside].T)]
     return ~hit.reshape(len(vertices), -1).any(axis=1)

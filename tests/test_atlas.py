@@ -201,6 +201,21 @@ def test_projected_surface_is_the_atlas_moved_and_still_wound_outward(atlas, mir
     assert np.einsum("ij,ij->", corners.mean(1) - vertices.mean(0), area) > 0
 
 
+def test_registration_sees_the_atlas_above_its_floor_and_the_labels_reach_the_chin(atlas):
+    """The atlas holds the whole chin for the face labels; registration sees the head above
+    ``ATLAS_FLOOR_Z_MM`` only (the jaw moves with the mouth)."""
+    full, head = atlas.head_image(), register.atlas_head(atlas)
+    n_slices = head.data.shape[2]
+    assert 0 < n_slices < full.data.shape[2]
+    assert np.array_equal(head.data, full.data[:, :, -n_slices:])
+    assert np.array_equal(head.mask, full.mask[:, :, -n_slices:])
+    assert np.array_equal(head.affine[:, :3], full.affine[:, :3])
+    floor_mm, spacing_mm = head.affine[2, 3], head.affine[2, 2]
+    assert floor_mm - spacing_mm < register.ATLAS_FLOOR_Z_MM <= floor_mm
+    chin = atlas.surface.vertices[atlas.labels["lower-face"]]
+    assert chin[:, 2].min() < register.ATLAS_FLOOR_Z_MM - 5
+
+
 def test_head_image_is_the_average_head_and_its_mask(atlas):
     head = atlas.head_image()
     assert head.data.dtype == np.float32 and head.mask.dtype == bool

@@ -270,7 +270,7 @@ def search_grids(reference) -> dict:
     img = nib.load(REF_PATH)
     return {
         "head": np.asarray(headmask.head_mask(img).dataobj) > 0,
-        "atlas": register.masked_grid(atlas.head_image(), register.SEARCH_MM),
+        "atlas": register.masked_grid(register.atlas_head(atlas), register.SEARCH_MM),
     }
 
 
@@ -393,7 +393,7 @@ def registration_grids(reference) -> tuple:
     fixed = register.masked_grid(
         GridImage(io.first_frame(img), img.affine, head), register.REGISTRATION_MM
     )
-    return fixed, register.masked_grid(atlas.head_image(), register.REGISTRATION_MM)
+    return fixed, register.masked_grid(register.atlas_head(atlas), register.REGISTRATION_MM)
 
 
 def test_pose_check_passes_the_right_pose_and_refuses_turned_ones(reference, registration_grids):

@@ -57,7 +57,8 @@ class Atlas:
     meta: dict = field(default_factory=dict)
 
     def head_image(self) -> GridImage:
-        """The average head (float32) with its grid and head mask, as registration takes it."""
+        """The average head (float32) with its grid and head mask (``register.atlas_head`` is the
+        part that registration sees)."""
         return GridImage(
             np.asarray(self.head.dataobj, dtype=np.float32),
             self.head.affine,

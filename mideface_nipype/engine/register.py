@@ -87,6 +87,11 @@ ANTS_GRADIENT_STEP = 0.25
 #: Distance (atlas mm) over which the face labels' similarity map blends into the registration's
 #: affine (smoothstep inward from the face's edge).
 SIMILAR_FACE_TAPER_MM = 18.0
+#: The atlas head ends here (MNI z, mm) for registration: below it the atlas holds the chin and
+#: jaw, which move with the mouth (relaxed or open, subjects' chins lie 5-20 mm lower than the
+#: average head's), so the affine is fitted to the skull and the upper face, as it was before the
+#: atlas had its chin; the chin is there for the face labels.
+ATLAS_FLOOR_Z_MM = -130.0
 #: Registrations whose head-mask overlap ends below this are refused (the atlas missed the head).
 MIN_HEAD_DICE = 0.75
 #: A pose is refused unless its mutual information with the subject exceeds, by this factor, that
@@ -560,6 +565,16 @@ def register_heads(
     return matrix, dice
 
 
+def atlas_head(atlas: Atlas) -> GridImage:
+    """The atlas head as registration sees it: its image and mask at or above
+    ``ATLAS_FLOOR_Z_MM`` (the atlas grid is axis-aligned RAS, slices run up from its floor)."""
+    head = atlas.head_image()
+    first = max(0, int(np.ceil((ATLAS_FLOOR_Z_MM - head.affine[2, 3]) / head.affine[2, 2] - 1e-6)))
+    affine = head.affine.copy()
+    affine[2, 3] += first * head.affine[2, 2]
+    return GridImage(head.data[:, :, first:], affine, head.mask[:, :, first:])
+
+
 def register_atlas(
     subject: GridImage,
     atlas: Atlas,
@@ -575,7 +590,7 @@ def register_atlas(
     """
     return register_heads(
         subject,
-        head_grids(atlas.head_image(), registration_mm),
+        head_grids(atlas_head(atlas), registration_mm),
         registration_mm=registration_mm,
         convergence=convergence,
         **kwargs,
