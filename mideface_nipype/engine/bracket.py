@@ -683,7 +683,6 @@ def bracket_face(
     watermark_mm: float = WATERMARK_MM,
     ripple_spec: Ripple | None = None,
     xmask: ArrayLike | None = None,
-    dist_out_max_mm: float = DIST_OUT_MAX_MM,
     push: bool = True,
 ) -> tuple[NDArray[np.uint8], list[LabelBracket], int, BlendedBounds]:
     """Face mask (compartments 1-4) from a template surface already in the subject's world space.
@@ -750,7 +749,7 @@ def bracket_face(
             normals[idx],
             in_head,
             aff,
-            max_mm=min(dist_out_max_mm, spec.dist_out_max_mm),
+            max_mm=spec.dist_out_max_mm,
             step_mm=step_mm,
             outward=True,
         )
