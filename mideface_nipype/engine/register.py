@@ -29,6 +29,7 @@ from mideface_nipype.utils.geometry import (
     GridImage,
     anti_alias,
     apply_affine,
+    box_affine,
     centroid_mm,
     iso_grid,
     resample,
@@ -569,10 +570,9 @@ def atlas_head(atlas: Atlas) -> GridImage:
     """The atlas head as registration sees it: its image and mask at or above
     ``ATLAS_FLOOR_Z_MM`` (the atlas grid is axis-aligned RAS, slices run up from its floor)."""
     head = atlas.head_image()
-    first = max(0, int(np.ceil((ATLAS_FLOOR_Z_MM - head.affine[2, 3]) / head.affine[2, 2] - 1e-6)))
-    affine = head.affine.copy()
-    affine[2, 3] += first * head.affine[2, 2]
-    return GridImage(head.data[:, :, first:], affine, head.mask[:, :, first:])
+    first = np.ceil((ATLAS_FLOOR_Z_MM - head.affine[2, 3]) / head.affine[2, 2] - 1e-6)
+    box = (slice(None), slice(None), slice(max(0, int(first)), None))
+    return GridImage(head.data[box], box_affine(head.affine, box), head.mask[box])
 
 
 def register_atlas(

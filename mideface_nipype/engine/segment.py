@@ -40,7 +40,7 @@ from scipy import ndimage as ndi
 
 from mideface_nipype.engine.atlas import CLASSES, Atlas
 from mideface_nipype.engine.exclusion import XMASK_DILATE_VOX, finish_exclusion_mask
-from mideface_nipype.utils.geometry import mask_box, smooth_downsample, voxel_sizes
+from mideface_nipype.utils.geometry import box_affine, mask_box, smooth_downsample, voxel_sizes
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,12 +104,6 @@ class Segmentation:
     icv_ml: float = 0.0  # csf + gm + wm posteriors summed, in mL
     iterations: int = 0
     log_likelihood: list = field(default_factory=list)
-
-
-def _shift_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    out = np.array(affine, dtype=float)
-    out[:3, 3] = affine[:3, :3] @ [s.start for s in box] + affine[:3, 3]
-    return out
 
 
 def _legendre_1d(n: int, order: int) -> np.ndarray:
@@ -390,7 +384,7 @@ def segment(
         raise ValueError("the head mask is empty on the segmentation grid")
     box = mask_box(head_lo, 2)
     data_lo, head_lo = data_lo[box], head_lo[box]
-    aff_lo = _shift_affine(aff_lo, box)
+    aff_lo = box_affine(aff_lo, box)
     shape_lo = data_lo.shape
     if prior_smooth_mm is None:
         prior_smooth_mm = PRIOR_SMOOTH_MM
@@ -481,7 +475,7 @@ def _posterior_parts(
     voxels are sampled.
     """
     shape_box = tuple(s.stop - s.start for s in box)
-    aff_box = _shift_affine(affine, box)
+    aff_box = box_affine(affine, box)
     vox = np.linalg.inv(aff_lo) @ aff_box  # input box voxel -> lo voxel
     lin = vox[:3, :3]
     perm = np.argmax(np.abs(lin), axis=1)

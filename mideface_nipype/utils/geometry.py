@@ -51,6 +51,13 @@ def mask_box(mask: np.ndarray, margin_vox: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The voxel -> world affine of the sub-volume ``volume[box]`` (slices with steps of 1)."""
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = affine[:3, :3] @ [s.start or 0 for s in box] + affine[:3, 3]
+    return out
+
+
 def centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World position (RAS mm) of the centre of a mask's voxels."""
     return apply_affine(affine, np.argwhere(mask).mean(0)[None])[0]
