@@ -31,7 +31,6 @@ from mideface_nipype.engine.headmask import head_mask
 from mideface_nipype.utils import io
 from mideface_nipype.utils.errors import OutputError
 from mideface_nipype.utils.geometry import GridImage
-from mideface_nipype.utils.io import first_frame
 
 HEADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "heads"
 
@@ -39,7 +38,7 @@ HEADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "heads"
 def load_subject(path: Path) -> GridImage:
     """A head as ``register_atlas`` reads it: its first frame with its head mask."""
     img = nib.load(path)
-    return GridImage(first_frame(img), img.affine, np.asarray(head_mask(img).dataobj) > 0)
+    return GridImage(io.first_frame(img), img.affine, np.asarray(head_mask(img).dataobj) > 0)
 
 
 def register_head(subject: GridImage, atlas, seed: int) -> tuple[np.ndarray, float]:
