@@ -151,6 +151,41 @@ def test_face_region_is_the_atlas_face_in_the_frontal_view():
     assert 100 < area_cm2 < 300
 
 
+def test_subject_face_region_follows_the_heads_own_labels():
+    """A head 1.2x smaller than the atlas, seen rigidly (its own size): its face labels cover
+    1/1.2^2 of the atlas's region; the identity registration gives the atlas's own region."""
+    atlas_region = metrics.face_region(0.0)
+    assert np.array_equal(metrics.subject_face_region(np.eye(4), np.eye(4)), atlas_region)
+    small = metrics.subject_face_region(np.diag([1.2, 1.2, 1.2, 1.0]), np.eye(4))
+    assert small.sum() / atlas_region.sum() == pytest.approx(1 / 1.2**2, rel=0.05)
+    rows = np.nonzero(small.any(1))[0]
+    atlas_rows = np.nonzero(atlas_region.any(1))[0]
+    # the chin comes up (rows run downwards): the atlas region would take in the neck below it
+    assert rows.max() < atlas_rows.max() - 10
+
+
+def test_depth_attack_compares_each_probe_over_its_own_face_labels():
+    """Three people whose defaced face (inside their own labels) is the next person's intact
+    one, the rest left as it was: ranked over the own face labels nobody is found (each probe
+    is its neighbour's face), over the rest of the view everyone is."""
+    rng = np.random.default_rng(5)
+    intact = [rng.normal(size=(30, 20)) for _ in range(3)]
+    arrays = []
+    for i in range(3):
+        region = np.zeros((30, 20), bool)
+        region[5 + 3 * i : 15 + 3 * i, 4:16] = True  # each head's labels sit elsewhere
+        defaced = np.where(region, intact[(i + 1) % 3], intact[i])
+        arrays.append({"intact/depth": intact[i], "m/defaced/depth": defaced})
+        arrays[-1][eval_cli.FACE_REGION_KEY] = region
+    depth = eval_cli.depth_measures(arrays, "m/defaced")
+    assert (depth["probes"], depth["rank1"], depth["rank1_outside"]) == (3, 0, 3)
+    assert depth["own_r"] == pytest.approx([0.0, 0.0, 0.0], abs=0.5)
+    between = eval_cli.between_people_r(arrays)
+    assert len(between) == 6  # ordered pairs: each over the first one's own labels
+    region0 = arrays[0][eval_cli.FACE_REGION_KEY]
+    assert between[0] == metrics.depth_correlation(intact[0], intact[1], region0)
+
+
 def test_refacing_attacks_remove_noise_and_keep_level():
     rng = np.random.default_rng(1)
     data = np.full((20, 20, 20), 50.0, np.float32)

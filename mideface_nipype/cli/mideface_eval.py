@@ -40,6 +40,10 @@ METHOD_NOTES = {
 }
 #: Key of the gallery view in the per-head arrays.
 GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
+#: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
+FACE_REGION_KEY = "intact/face_region"
+#: Version of the per-head records: a cached record of another version is made again.
+RECORD_FORMAT = 2
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -118,8 +122,15 @@ def evaluate_head(
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = metrics.render_views(data, img.affine, to_atlas)
     arrays = _pack("intact", _faces(views), views[metrics.GALLERY_YAW_DEG].depth)
+    arrays[FACE_REGION_KEY] = metrics.subject_face_region(subject_to_atlas, to_atlas)
     arrays.update(_pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas)))
-    record: dict = {"head": head.name, "brain_ml": _ml(brain, img), "seed": seed, "methods": {}}
+    record: dict = {
+        "head": head.name,
+        "format": RECORD_FORMAT,
+        "brain_ml": _ml(brain, img),
+        "seed": seed,
+        "methods": {},
+    }
     before = metrics.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
     for method in methods:
@@ -206,24 +217,31 @@ def identification(arrays: list[dict], prefix: str, yaws) -> dict:
 
 
 def depth_measures(arrays: list[dict], prefix: str) -> dict:
-    """Face-region depth correlation with the own original, and depth-map rank-1 identification."""
-    region = metrics.face_region(metrics.GALLERY_YAW_DEG)
+    """Depth correlation with the own original and depth-map rank-1 identification, over each
+    probe head's own face labels (what the defacer replaced); and rank-1 over the rest of the
+    frontal view (the identity a defacer leaves outside the face labels)."""
     intact = [a["intact/depth"] for a in arrays]
     have = [i for i, a in enumerate(arrays) if f"{prefix}/depth" in a]
     if not have:
         return {}
-    corr = np.array(
-        [
-            [metrics.depth_correlation(arrays[i][f"{prefix}/depth"], g, region) for g in intact]
-            for i in have
-        ]
-    )
-    ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
-    return {
-        "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
-        "rank1": int(np.count_nonzero(ranks == 1)),
-        "probes": len(have),
-    }
+    out: dict = {"probes": len(have)}
+    for key, outside in (("rank1", False), ("rank1_outside", True)):
+        corr = np.array(
+            [
+                [
+                    metrics.depth_correlation(
+                        arrays[i][f"{prefix}/depth"], g, arrays[i][FACE_REGION_KEY] != outside
+                    )
+                    for g in intact
+                ]
+                for i in have
+            ]
+        )
+        ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
+        out[key] = int(np.count_nonzero(ranks == 1))
+        if not outside:
+            out["own_r"] = [float(corr[k, i]) for k, i in enumerate(have)]
+    return out
 
 
 def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
@@ -250,13 +268,14 @@ def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
 
 
 def between_people_r(arrays: list[dict]) -> list[float]:
-    """Face-region depth correlation of intact frontal renders of different people."""
-    region = metrics.face_region(metrics.GALLERY_YAW_DEG)
+    """Depth correlation of intact frontal renders of different people over the first one's own
+    face labels (as ``depth_measures`` compares a probe with the gallery), every ordered pair."""
     intact = [a["intact/depth"] for a in arrays]
     return [
-        metrics.depth_correlation(intact[i], intact[j], region)
+        metrics.depth_correlation(intact[i], intact[j], arrays[i][FACE_REGION_KEY])
         for i in range(len(intact))
-        for j in range(i + 1, len(intact))
+        for j in range(len(intact))
+        if i != j
     ]
 
 
@@ -353,14 +372,14 @@ def markdown_table(summary: dict) -> str:
         "| method | rank-1 after defacing | after median filter | after smoothing | faces "
         "detected | most own probes ranked first (one person) | rank-1 by an attacker who "
         "discounts hub faces: after defacing / median / smoothing (most own probes) "
-        "| depth rank-1 | depth r with own "
-        "original (median) | 3-D attacker rank-1 (ICP of the skin outside the face) | its depth r "
-        "own / between people (median) | brain voxels changed "
+        "| depth rank-1 | depth r with own original (median) | depth rank-1 outside the face "
+        "labels | 3-D attacker rank-1 (ICP of the skin outside the face) | its depth r own / "
+        "between people (median) | brain voxels changed "
         "| tissue volume change, max \\|%\\| (GM / WM / CSF; any class in % of brain) "
         "| brain-mask volume change re-estimated on the defaced image, max \\|%\\| "
         "| s per subject (median) | GB per subject (peak) |"
     )
-    rows = [head, "|" + "---|" * 16]
+    rows = [head, "|" + "---|" * 17]
     control = summary["control"]
     between_s = (
         f"between people: {np.nanmedian(between):.3f} (max {np.nanmax(between):.3f})"
@@ -370,7 +389,7 @@ def markdown_table(summary: dict) -> str:
     rows.append(
         f"| intact heads, ±30° probes (control) | {_rate(control)} | | | "
         f"{_rate(control, 'detected')} | {_worst_person(control)} | {_discounted(control)} | | "
-        f"{between_s} | | | | | | | |"
+        f"{between_s} | | | | | | | | |"
     )
     for method, row in summary["methods"].items():
         tissue = row.get("tissue_change_pct_max_abs")
@@ -385,6 +404,7 @@ def markdown_table(summary: dict) -> str:
         depth = row["depth"]
         own = f"{np.nanmedian(depth['own_r']):.3f}" if depth.get("own_r") else "–"
         depth_rank = _rate(depth) if depth else "–"
+        outside = _rate(depth, "rank1_outside") if depth else "–"
         icp = row.get("icp_depth") or {}
         icp_rank = _rate(icp) if icp else "–"
         icp_r = (
@@ -398,7 +418,7 @@ def markdown_table(summary: dict) -> str:
         rows.append(
             f"| {note} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
             f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {worst} | "
-            f"{discounted} | {depth_rank} | {own} | {icp_rank} | {icp_r} | "
+            f"{discounted} | {depth_rank} | {own} | {outside} | {icp_rank} | {icp_r} | "
             f"{row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
             f"{row.get('seconds_median', float('nan')):.1f} | "
             f"{row.get('peak_gb_max', float('nan')):.2f} |"
@@ -413,10 +433,12 @@ def markdown_table(summary: dict) -> str:
         f"{100 * summary['chance_rank1']:.0f} %. An attacker who holds all the probes of a "
         "kind discounts hub faces: each gallery face's mean distance to those probes is "
         "subtracted before ranking (an average-looking face is otherwise nearest to most "
-        "defaced faces, its owner's included). Depth: frontal depth maps over the atlas face "
-        "region, Pearson r, ranked like the descriptors; most own probes ranked first: after "
-        "defacing / "
-        "median / smoothing. 3-D attacker: each defaced head aligned to every intact head by "
+        "defaced faces, its owner's included); most own probes ranked first: after defacing / "
+        "median / smoothing. Depth: frontal depth maps (each head seen rigidly in the atlas "
+        "pose, with its own proportions) over the probe head's own face labels as its "
+        "registration places them, Pearson r, ranked like the descriptors; outside the face "
+        "labels: the same over the rest of the frontal view (scalp, ears, neck: what every "
+        "defacer here leaves). 3-D attacker: each defaced head aligned to every intact head by "
         "rigid ICP of the skin outside the face labels (the part the defacer leaves), then its "
         "frontal face depth map (1 mm) correlated with theirs; between people: intact heads "
         "aligned to each other the same way. Independent brain mask: N4 + SyN of the "
@@ -516,7 +538,11 @@ def _evaluate(args, heads: list[Path], methods: tuple[str, ...], cache, results)
         files = head_outputs(head, args.out, methods)
         cache_json, cache_npz = files["json"], files["npz"]
         cached = json.loads(cache_json.read_text()) if cache_json.is_file() else None
-        reusable = cached and cached.get("seed", DEFAULT_SEED) == args.seed
+        reusable = (
+            cached
+            and cached.get("format") == RECORD_FORMAT
+            and cached.get("seed", DEFAULT_SEED) == args.seed
+        )
         if reusable and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
             record, arr = cached, dict(np.load(cache_npz))
         else:

@@ -170,13 +170,30 @@ def lit_from_above(normals: np.ndarray, cam: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=8)
 def face_region(yaw_deg: float) -> np.ndarray:
     """Pixels of a view covered by the atlas face (lower, upper face, nose, eyes)."""
+    return _face_pixels(yaw_deg)
+
+
+def _face_pixels(yaw_deg: float, atlas_to_view: np.ndarray | None = None) -> np.ndarray:
+    """The atlas face labels rasterised in a view, moved first by ``atlas_to_view`` (atlas mm
+    -> the mm of the view) when given."""
     atlas = load_atlas()
     in_face = atlas.in_labels(FACE_LABELS).astype(float)
+    vertices = atlas.surface.vertices
+    if atlas_to_view is not None:
+        vertices = apply_affine(atlas_to_view, vertices)
     cam, frame = view_frame(yaw_deg)
-    _, values = render.rasterise(
-        atlas.surface.vertices, atlas.surface.faces, cam, frame, vertex_values=in_face
-    )
+    _, values = render.rasterise(vertices, atlas.surface.faces, cam, frame, vertex_values=in_face)
     return np.nan_to_num(values[..., 0]) > 0.5
+
+
+def subject_face_region(subject_to_atlas: np.ndarray, to_atlas: np.ndarray) -> np.ndarray:
+    """Pixels of a head's frontal renders that its own face labels cover: the labels as its
+    registration (``subject_to_atlas``) places them, seen in its rigid view (``to_atlas``).
+
+    The renders keep each head's proportions, so the atlas's own face region misses part of a
+    large face and, below a small one, takes in the neck that no defacer touches.
+    """
+    return _face_pixels(GALLERY_YAW_DEG, to_atlas @ np.linalg.inv(subject_to_atlas))
 
 
 # ---------------------------------------------------------------- face recognition
