@@ -55,9 +55,10 @@ from mideface_nipype.utils import geometry  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 #: The atlas box in MNI mm (RAS): the whole head with the face and the whole chin. The average
-#: head's chin turns under at about z -130 and its signal fades below z -136 (its subjects'
-#: fields of view end there); a floor at -130 cut the chin off, and subjects' chins (the jaw
-#: relaxed, the mouth a little open) land at z -135 to -146 after the atlas registration.
+#: head's chin front runs down to z -140, where it turns under, and its signal fades below z
+#: -136 (its subjects' fields of view end there); a floor at -130 cut the chin off, and
+#: subjects' chins (the jaw relaxed, the mouth a little open) land at z -135 to -146 after the
+#: atlas registration.
 BOX_MIN_MM = np.array([-100.0, -140.0, -150.0])
 BOX_MAX_MM = np.array([100.0, 124.0, 110.0])
 BUILD_MM = 1.0
@@ -92,20 +93,22 @@ EYELID_RADII_MM = (15.0, 14.0, 11.0)
 #: edge (y = -14), so that no unlabelled strip is left between cheek and ear.
 PREAURICULAR_Y_MM = -16.0
 #: Lower edge of the face: from below the ear (y, z) = (-10, -118) along the jaw line and the
-#: chin's underside to the front of the neck at (y, z) = (50, -136) (the average head's chin
-#: turns under at about (0, 68, -130), the menton's height here, and its signal fades below
-#: the neck's cut). Below the menton's height only skin that does not face backwards (normal
+#: chin's underside to the chin's front at (y, z) = (60, -141) (the average head's chin front
+#: stands at y 67 from the menton's height here down to z -140, where it turns under; the line
+#: ending at (50, -136) left its lowest 5 mm out, and with them the chins that the registration
+#: puts at z -143 to -146). Below the menton's height only skin that does not face backwards (normal
 #: y > ``UNDER_CHIN_MIN_NORMAL_Y``); nowhere skin facing straight down (normal z <=
 #: ``UNDER_CHIN_MIN_NORMAL_Z``: from the hollows under the jaw a ray runs down the subject's
 #: neck); and only where the outward rays stay out of the head (``rays_escape``).
 JAW_BACK_MM = (-10.0, -118.0)
-JAW_FRONT_MM = (50.0, -136.0)
+JAW_FRONT_MM = (60.0, -141.0)
 MENTON_Z_MM = -130.0
 UNDER_CHIN_MIN_NORMAL_Y = -0.1
 UNDER_CHIN_MIN_NORMAL_Z = -0.85
 #: Below this height the average head's signal fades (its subjects' fields of view end) and its
-#: skin bends into the floor that closes it (normals down the neck), so no face label reaches
-#: it, and it is left out of the comparison with the peers.
+#: skin bends into the floor that closes it (normals down the neck): only the chin's front
+#: reaches below it (to the jaw line's end), and it is left out of the comparison with the
+#: peers.
 NECK_CUT_Z_MM = -136.0
 #: The front of the neck (MNI y): below the neck's cut, the head is continued by the cut's
 #: slice behind this plane only (the throat), not by the chin above it.
@@ -356,7 +359,7 @@ def face_domain(
         & escape
         & (y >= PREAURICULAR_Y_MM)
         & (z < brow_line_z_mm(x))
-        & (z >= np.maximum(jaw_line_z_mm(y), NECK_CUT_Z_MM))
+        & (z >= jaw_line_z_mm(y))
         & not_backwards
         & not_down
     )

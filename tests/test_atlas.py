@@ -75,6 +75,10 @@ def test_face_labels_are_anatomical(atlas):
     fv = v[face]
     assert fv[:, 2].max() <= marks["brow_z"] + 1 and fv[:, 2].max() > marks["brow_z"] - 4
     assert fv[:, 2].min() < marks["menton_z"] - 5  # the chin's underside
+    # below the neck's cut only the chin's front, down to where it turns under (z -140)
+    below_cut = fv[fv[:, 2] < marks["neck_cut_z"]]
+    assert len(below_cut) > 100 and below_cut[:, 1].min() > 40
+    assert marks["jaw_front_yz"][1] < below_cut[:, 2].min() < marks["neck_cut_z"] - 3
     assert fv[:, 1].min() < 0  # the cheeks reach back to the ears (pre-auricular skin)
     assert np.abs(fv[:, 0]).max() > 70
     eyes = v[atlas.labels["eyes"]]
