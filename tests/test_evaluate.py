@@ -156,6 +156,8 @@ def test_subject_face_region_follows_the_heads_own_labels():
     1/1.2^2 of the atlas's region; the identity registration gives the atlas's own region."""
     atlas_region = metrics.face_region(0.0)
     assert np.array_equal(metrics.subject_face_region(np.eye(4), np.eye(4)), atlas_region)
+    turned = metrics.subject_face_region(np.eye(4), np.eye(4), 30.0)  # a probe view's box
+    assert np.array_equal(turned, metrics.face_region(30.0))
     small = metrics.subject_face_region(np.diag([1.2, 1.2, 1.2, 1.0]), np.eye(4))
     assert small.sum() / atlas_region.sum() == pytest.approx(1 / 1.2**2, rel=0.05)
     rows = np.nonzero(small.any(1))[0]

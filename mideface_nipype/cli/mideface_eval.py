@@ -43,7 +43,7 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
 FACE_REGION_KEY = "intact/face_region"
 #: Version of the per-head records: a cached record of another version is made again.
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -77,11 +77,12 @@ def _stem(head: Path) -> str:
     return io.split_suffix(Path(head).name)[0]
 
 
-def _faces(views: dict) -> dict:
-    """Descriptors, detection flags and detector scores of renders, keyed by yaw."""
+def _faces(views: dict, regions: dict) -> dict:
+    """Descriptors, detection flags and detector scores of renders, keyed by yaw (``regions``:
+    the head's own face labels per yaw, the box where no face is detected)."""
     out = {}
     for yaw, rend in views.items():
-        face = metrics.describe_face(rend.rgb(), metrics.face_region(yaw))
+        face = metrics.describe_face(rend.rgb(), regions[yaw])
         out[yaw] = (face.descriptor, face.detected, face.score)
     return out
 
@@ -121,8 +122,12 @@ def evaluate_head(
     files = head_outputs(head, out_dir, methods)
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = metrics.render_views(data, img.affine, to_atlas)
-    arrays = _pack("intact", _faces(views), views[metrics.GALLERY_YAW_DEG].depth)
-    arrays[FACE_REGION_KEY] = metrics.subject_face_region(subject_to_atlas, to_atlas)
+    regions = {
+        yaw: metrics.subject_face_region(subject_to_atlas, to_atlas, yaw)
+        for yaw in metrics.PROBE_YAWS_DEG
+    }
+    arrays = _pack("intact", _faces(views, regions), views[metrics.GALLERY_YAW_DEG].depth)
+    arrays[FACE_REGION_KEY] = regions[metrics.GALLERY_YAW_DEG]
     arrays.update(_pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas)))
     record: dict = {
         "head": head.name,
@@ -165,7 +170,11 @@ def evaluate_head(
         for variant in VARIANTS:
             vviews = metrics.render_views(volumes[variant], dimg.affine, to_atlas)
             arrays.update(
-                _pack(f"{method}/{variant}", _faces(vviews), vviews[metrics.GALLERY_YAW_DEG].depth)
+                _pack(
+                    f"{method}/{variant}",
+                    _faces(vviews, regions),
+                    vviews[metrics.GALLERY_YAW_DEG].depth,
+                )
             )
     return record, arrays
 

@@ -186,14 +186,17 @@ def _face_pixels(yaw_deg: float, atlas_to_view: np.ndarray | None = None) -> np.
     return np.nan_to_num(values[..., 0]) > 0.5
 
 
-def subject_face_region(subject_to_atlas: np.ndarray, to_atlas: np.ndarray) -> np.ndarray:
-    """Pixels of a head's frontal renders that its own face labels cover: the labels as its
-    registration (``subject_to_atlas``) places them, seen in its rigid view (``to_atlas``).
+def subject_face_region(
+    subject_to_atlas: np.ndarray, to_atlas: np.ndarray, yaw_deg: float = GALLERY_YAW_DEG
+) -> np.ndarray:
+    """Pixels of a head's renders (at ``yaw_deg``) that its own face labels cover: the labels
+    as its registration (``subject_to_atlas``) places them, seen in its rigid view
+    (``to_atlas``).
 
     The renders keep each head's proportions, so the atlas's own face region misses part of a
     large face and, below a small one, takes in the neck that no defacer touches.
     """
-    return _face_pixels(GALLERY_YAW_DEG, to_atlas @ np.linalg.inv(subject_to_atlas))
+    return _face_pixels(yaw_deg, to_atlas @ np.linalg.inv(subject_to_atlas))
 
 
 # ---------------------------------------------------------------- face recognition
@@ -236,8 +239,8 @@ def describe_face(picture: np.ndarray, fallback: np.ndarray) -> Face:
     """Descriptor of the best-scoring face in an RGB picture.
 
     When the detector finds nothing, the attacker still knows where the face is in an aligned
-    render: the descriptor is taken in the box around ``fallback`` (the atlas face region), so a
-    defaced head cannot escape by merely fooling the detector.
+    render: the descriptor is taken in the box around ``fallback`` (the head's own face labels,
+    ``subject_face_region``), so a defaced head cannot escape by merely fooling the detector.
     """
     detector, predictor, model = dlib_models()
     picture = np.ascontiguousarray(picture, dtype=np.uint8)
