@@ -225,6 +225,17 @@ def identification(arrays: list[dict], prefix: str, yaws) -> dict:
     }
 
 
+def _by_correlation(corr: np.ndarray, have: list[int]) -> dict:
+    """Rank-1 identification by r (probes ``have``, gallery all heads; a missing r ranks last)
+    and each probe's r with its own original."""
+    ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
+    return {
+        "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
+        "rank1": int(np.count_nonzero(ranks == 1)),
+        "probes": len(have),
+    }
+
+
 def depth_measures(arrays: list[dict], prefix: str) -> dict:
     """Depth correlation with the own original and depth-map rank-1 identification, over each
     probe head's own face labels (what the defacer replaced); and rank-1 over the rest of the
@@ -233,23 +244,24 @@ def depth_measures(arrays: list[dict], prefix: str) -> dict:
     have = [i for i, a in enumerate(arrays) if f"{prefix}/depth" in a]
     if not have:
         return {}
-    out: dict = {"probes": len(have)}
-    for key, outside in (("rank1", False), ("rank1_outside", True)):
-        corr = np.array(
+
+    def correlations(in_labels: bool) -> np.ndarray:
+        """(probes, gallery) r over each probe head's own face labels, or the rest of its view."""
+        regions = [arrays[i][FACE_REGION_KEY] for i in have]
+        return np.array(
             [
                 [
                     metrics.depth_correlation(
-                        arrays[i][f"{prefix}/depth"], g, arrays[i][FACE_REGION_KEY] != outside
+                        arrays[i][f"{prefix}/depth"], g, region if in_labels else ~region
                     )
                     for g in intact
                 ]
-                for i in have
+                for i, region in zip(have, regions, strict=True)
             ]
         )
-        ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
-        out[key] = int(np.count_nonzero(ranks == 1))
-        if not outside:
-            out["own_r"] = [float(corr[k, i]) for k, i in enumerate(have)]
+
+    out = _by_correlation(correlations(True), have)
+    out["rank1_outside"] = _by_correlation(correlations(False), have)["rank1"]
     return out
 
 
@@ -262,13 +274,7 @@ def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
         return {}
     gallery = [(a["intact/skin_rest"], a["intact/skin_face"]) for a in arrays]
     probes = [(arrays[i][f"{prefix}/skin_rest"], arrays[i][f"{prefix}/skin_face"]) for i in have]
-    corr = metrics.icp_depth_correlations(probes, gallery)
-    ranks = metrics.rank_of_truth(-np.nan_to_num(corr, nan=-1.0), np.array(have))
-    out = {
-        "own_r": [float(corr[k, i]) for k, i in enumerate(have)],
-        "rank1": int(np.count_nonzero(ranks == 1)),
-        "probes": len(have),
-    }
+    out = _by_correlation(metrics.icp_depth_correlations(probes, gallery), have)
     if prefix == "intact":
         return out
     between = metrics.icp_depth_correlations(gallery, gallery)
