@@ -184,3 +184,22 @@ def test_registration_noise_compares_seeds_and_saved_matrices(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and f"{target}: the output would overwrite the input" in err[-1]
     assert saved.read_bytes() == before
+
+
+def test_pose_check_turned_off_is_not_computed(monkeypatch):
+    """``min_pose_ratio=0`` (the pydeface method, the audit) skips the pose ratio's 24 scorings:
+    the ratio is NaN, and a pose the check would refuse passes on its head Dice."""
+    rng = np.random.default_rng(0)
+    grid = np.zeros((24, 24, 24), bool)
+    grid[4:20, 4:20, 4:20] = True
+    head = GridImage(rng.random(grid.shape).astype(np.float32), np.eye(4), grid)
+    noise = GridImage(rng.random(grid.shape).astype(np.float32), np.eye(4), grid)
+    with pytest.raises(register.RegistrationError, match="pose ratio"):
+        register.check_registration(head, noise, np.eye(4))
+
+    def scored(*args):
+        raise AssertionError("pose_ratio was computed with its check turned off")
+
+    monkeypatch.setattr(register, "pose_ratio", scored)
+    dice, ratio = register.check_registration(head, noise, np.eye(4), min_pose_ratio=0.0)
+    assert dice == 1.0 and np.isnan(ratio)
