@@ -43,7 +43,7 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
 FACE_REGION_KEY = "intact/face_region"
 #: Version of the per-head records: a cached record of another version is made again.
-RECORD_FORMAT = 3
+RECORD_FORMAT = 4
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -128,7 +128,9 @@ def evaluate_head(
     }
     arrays = _pack("intact", _faces(views, regions), views[metrics.GALLERY_YAW_DEG].depth)
     arrays[FACE_REGION_KEY] = regions[metrics.GALLERY_YAW_DEG]
-    arrays.update(_pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas)))
+    arrays.update(
+        _pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas, subject_to_atlas))
+    )
     record: dict = {
         "head": head.name,
         "format": RECORD_FORMAT,
@@ -164,7 +166,10 @@ def evaluate_head(
                 {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
             )["brain"]
         arrays.update(
-            _pack_skin(f"{method}/defaced", metrics.skin_points(ddata, dimg.affine, to_atlas))
+            _pack_skin(
+                f"{method}/defaced",
+                metrics.skin_points(ddata, dimg.affine, to_atlas, subject_to_atlas),
+            )
         )
         volumes = {"defaced": ddata, **metrics.refacing_attacks(ddata, dimg.affine)}
         for variant in VARIANTS:
@@ -454,9 +459,11 @@ def markdown_table(summary: dict) -> str:
         "registration places them, Pearson r, ranked like the descriptors; outside the face "
         "labels: the same over the rest of the frontal view (scalp, ears, neck: what every "
         "defacer here leaves). 3-D attacker: each defaced head aligned to every intact head by "
-        "rigid ICP of the skin outside the face labels (the part the defacer leaves), then its "
-        "frontal face depth map (1 mm) correlated with theirs; between people: intact heads "
-        "aligned to each other the same way. Independent brain mask: N4 + SyN of the "
+        "rigid ICP of the skin outside its own face labels (the part the defacer leaves), then "
+        "the frontal depth map (1 mm) of its skin over those labels (within "
+        f"{metrics.FACE_NEAR_MM:g} mm: what the defacer put there) correlated with theirs; "
+        "between people: intact heads aligned to each other the same way. Independent brain "
+        "mask: N4 + SyN of the "
         "MNI152 2009 SSW head from the engine's affine of the original, its metric on the "
         "template's brain and skull, ICBM 2009a brain. Tissue: N4 in the original's brain mask, "
         "then ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the "
