@@ -189,6 +189,12 @@ def _face_pixels(yaw_deg: float, atlas_to_view: np.ndarray | None = None) -> np.
     return np.nan_to_num(values[..., 0]) > 0.5
 
 
+def own_labels_to_view(subject_to_atlas: np.ndarray, to_atlas: np.ndarray) -> np.ndarray:
+    """Atlas mm -> the mm of a head's rigid view (``to_atlas``) through the head's registration
+    (``subject_to_atlas``): where the head's own face labels sit in its renders."""
+    return to_atlas @ np.linalg.inv(subject_to_atlas)
+
+
 def subject_face_region(
     subject_to_atlas: np.ndarray, to_atlas: np.ndarray, yaw_deg: float = GALLERY_YAW_DEG
 ) -> np.ndarray:
@@ -199,7 +205,7 @@ def subject_face_region(
     The renders keep each head's proportions, so the atlas's own face region misses part of a
     large face and, below a small one, takes in the neck that no defacer touches.
     """
-    return _face_pixels(yaw_deg, to_atlas @ np.linalg.inv(subject_to_atlas))
+    return _face_pixels(yaw_deg, own_labels_to_view(subject_to_atlas, to_atlas))
 
 
 # ---------------------------------------------------------------- face recognition
@@ -310,16 +316,16 @@ def skin_points(
     (N, 3) mm.
 
     The labels are the atlas surface as the head's registration (``subject_to_atlas``) places
-    it, seen in the view (as ``subject_face_region`` takes them): the atlas's own surface would
-    make the face a defacer-dependent subset of a head of another size. A point is face when
-    its nearest placed vertex is in a face label and within ``FACE_NEAR_MM``; the rest of the
-    head (scalp, ears, neck) is left as the defacer left it.
+    it, seen in the view (``own_labels_to_view``, as for ``subject_face_region``): the atlas's
+    own surface would make the face a defacer-dependent subset of a head of another size. A
+    point is face when its nearest placed vertex is in a face label and within
+    ``FACE_NEAR_MM``; the rest of the head (scalp, ears, neck) is left as the defacer left it.
     """
     atlas = load_atlas()
     mesh = render.skin_mesh(data, affine)
     points = apply_affine(to_atlas, mesh.vertices)
     in_face = atlas.in_labels(FACE_LABELS)
-    placed = apply_affine(to_atlas @ np.linalg.inv(subject_to_atlas), atlas.surface.vertices)
+    placed = apply_affine(own_labels_to_view(subject_to_atlas, to_atlas), atlas.surface.vertices)
     dist_mm, nearest = cKDTree(placed).query(points)
     face = in_face[nearest] & (dist_mm <= FACE_NEAR_MM)
     rng = np.random.default_rng(seed)
