@@ -249,10 +249,10 @@ def depth_measures(arrays: list[dict], prefix: str) -> dict:
     have = [i for i, a in enumerate(arrays) if f"{prefix}/depth" in a]
     if not have:
         return {}
+    regions = [arrays[i][FACE_REGION_KEY] for i in have]
 
     def correlations(in_labels: bool) -> np.ndarray:
         """(probes, gallery) r over each probe head's own face labels, or the rest of its view."""
-        regions = [arrays[i][FACE_REGION_KEY] for i in have]
         return np.array(
             [
                 [
