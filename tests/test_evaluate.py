@@ -66,6 +66,20 @@ def test_hub_discounting_attacker_finds_people_a_hub_face_hides():
     assert eval_cli._discounted(ident) == "3/3 (1/1)"
 
 
+def test_part_picture_paints_the_other_part_black():
+    """The attacker who reads one part: the face labels' pixels alone, or all but them."""
+    picture = np.full((4, 5, 3), 200, np.uint8)
+    region = np.zeros((4, 5), bool)
+    region[1:3, 2:4] = True
+    face = metrics.part_picture(picture, region, "face")
+    rest = metrics.part_picture(picture, region, "rest")
+    assert (face[region] == 200).all() and (face[~region] == 0).all()
+    assert (rest[~region] == 200).all() and (rest[region] == 0).all()
+    assert (picture == 200).all()  # the render itself is kept
+    with pytest.raises(ValueError, match="part must be one of"):
+        metrics.part_picture(picture, region, "ears")
+
+
 def test_descriptor_distances_are_euclidean():
     probes = np.array([[0.0, 0.0], [3.0, 4.0]])
     gallery = np.array([[0.0, 0.0], [0.0, 4.0], [3.0, 0.0]])
@@ -449,6 +463,10 @@ def test_e2e_mideface_keeps_brain_and_tissue(e2e):
     assert sorted(p.name for p in (out / "defaced" / "mideface").iterdir()) == sorted(
         f"{io.split_suffix(name)[0]}.nii.gz" for name in E2E_HEADS
     )
+    # the attackers who read one part of the render: the intact control and our probes
+    for parts, n in ((summary["control_parts"], 2), (row["parts"], 3)):
+        assert set(parts) == set(metrics.RENDER_PARTS)
+        assert all(parts[p]["probes"] == n * len(E2E_HEADS) for p in metrics.RENDER_PARTS)
     table = (out / "results.md").read_text()
     assert "mideface-nipype" in table and "control" in table
     # every row has the header's cells (a Markdown pipe inside a cell is escaped)

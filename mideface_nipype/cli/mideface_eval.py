@@ -43,7 +43,7 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
 FACE_REGION_KEY = "intact/face_region"
 #: Version of the per-head records: a cached record of another version is made again.
-RECORD_FORMAT = 4
+RECORD_FORMAT = 5
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -77,22 +77,35 @@ def _stem(head: Path) -> str:
     return io.split_suffix(Path(head).name)[0]
 
 
-def _faces(views: dict, regions: dict) -> dict:
+def _faces(views: dict, regions: dict, part: str | None = None) -> dict:
     """Descriptors, detection flags and detector scores of renders, keyed by yaw (``regions``:
-    the head's own face labels per yaw, the box where no face is detected)."""
+    the head's own face labels per yaw, the box where no face is detected); with ``part``,
+    of that part of each render alone (``metrics.part_picture``)."""
     out = {}
     for yaw, rend in views.items():
-        face = metrics.describe_face(rend.rgb(), regions[yaw])
+        picture = rend.rgb()
+        if part is not None:
+            picture = metrics.part_picture(picture, regions[yaw], part)
+        face = metrics.describe_face(picture, regions[yaw])
         out[yaw] = (face.descriptor, face.detected, face.score)
     return out
 
 
-def _pack(prefix: str, faces: dict, depth: np.ndarray) -> dict[str, np.ndarray]:
-    arrays = {f"{prefix}/depth": depth.astype(np.float32)}
+def _pack(prefix: str, faces: dict, depth: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    arrays = {} if depth is None else {f"{prefix}/depth": depth.astype(np.float32)}
     for yaw, (desc, detected, score) in faces.items():
         arrays[f"{prefix}/{yaw:g}/descriptor"] = desc
         arrays[f"{prefix}/{yaw:g}/detected"] = np.array(detected)
         arrays[f"{prefix}/{yaw:g}/score"] = np.array(score)
+    return arrays
+
+
+def _pack_parts(prefix: str, views: dict, regions: dict) -> dict[str, np.ndarray]:
+    """Descriptors of each part of the renders alone (``metrics.RENDER_PARTS``), under
+    ``PREFIX/only-PART``."""
+    arrays = {}
+    for part in metrics.RENDER_PARTS:
+        arrays.update(_pack(f"{prefix}/only-{part}", _faces(views, regions, part)))
     return arrays
 
 
@@ -128,6 +141,7 @@ def evaluate_head(
     }
     arrays = _pack("intact", _faces(views, regions), views[metrics.GALLERY_YAW_DEG].depth)
     arrays[FACE_REGION_KEY] = regions[metrics.GALLERY_YAW_DEG]
+    arrays.update(_pack_parts("intact", views, regions))
     arrays.update(
         _pack_skin("intact", metrics.skin_points(data, img.affine, to_atlas, subject_to_atlas))
     )
@@ -181,6 +195,8 @@ def evaluate_head(
                     vviews[metrics.GALLERY_YAW_DEG].depth,
                 )
             )
+            if variant == "defaced":
+                arrays.update(_pack_parts(method, vviews, regions))
     return record, arrays
 
 
@@ -201,11 +217,12 @@ def _probes(arrays: list[dict], prefix: str, yaws) -> tuple[np.ndarray, np.ndarr
     return np.array(desc).reshape(-1, 128), np.array(truth, dtype=int), np.array(detected)
 
 
-def identification(arrays: list[dict], prefix: str, yaws) -> dict:
-    """Rank-1 identification and detection of ``prefix`` probes against the intact gallery."""
+def identification(arrays: list[dict], prefix: str, yaws, gallery_prefix: str = "intact") -> dict:
+    """Rank-1 identification and detection of ``prefix`` probes against the gallery (the
+    ``gallery_prefix`` frontal renders: the intact heads, or one part of them)."""
     if not arrays:
         return {"probes": 0}
-    gallery = np.stack([a[f"intact/{GALLERY_KEY}/descriptor"] for a in arrays])
+    gallery = np.stack([a[f"{gallery_prefix}/{GALLERY_KEY}/descriptor"] for a in arrays])
     desc, truth, detected = _probes(arrays, prefix, yaws)
     if len(truth) == 0:
         return {"probes": 0}
@@ -299,6 +316,19 @@ def between_people_r(arrays: list[dict]) -> list[float]:
     ]
 
 
+def _parts(arrays: list[dict], prefix: str, yaws) -> dict:
+    """Identification by each part of the renders alone, against the same part of the intact
+    frontal renders (the attacker who paints the rest black in both)."""
+    if any(
+        f"{prefix}/only-{metrics.RENDER_PARTS[0]}/{GALLERY_KEY}/descriptor" not in a for a in arrays
+    ):
+        return {}
+    return {
+        part: identification(arrays, f"{prefix}/only-{part}", yaws, f"intact/only-{part}")
+        for part in metrics.RENDER_PARTS
+    }
+
+
 def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...]) -> dict:
     """The figures of the table, per method, from all heads' records and arrays.
 
@@ -312,6 +342,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
         "face_heads": [records[i]["head"] for i in with_face],
         "chance_rank1": 1.0 / max(len(faces), 1),
         "control": identification(faces, "intact", metrics.CONTROL_YAWS_DEG),
+        "control_parts": _parts(faces, "intact", metrics.CONTROL_YAWS_DEG),
         "between_people_r": between_people_r(faces),
         "methods": {},
     }
@@ -327,6 +358,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
         }
         for variant in VARIANTS:
             row[variant] = identification(faces, f"{method}/{variant}", metrics.PROBE_YAWS_DEG)
+        row["parts"] = _parts(faces, method, metrics.PROBE_YAWS_DEG)
         row["depth"] = depth_measures(faces, f"{method}/defaced")
         row["icp_depth"] = icp_depth_measures(faces, f"{method}/defaced")
         if ok:
@@ -375,6 +407,15 @@ def _discounted(ident: dict) -> str:
     return f"{ident['rank1_hub_discounted']}/{ident['probes']} ({worst})"
 
 
+def _by_part(parts: dict) -> str:
+    """Rank-1 of the face labels alone / the rest alone, hub-discounted in brackets."""
+    if not parts:
+        return "–"
+    raw = " / ".join(f"{parts[p]['rank1']}/{parts[p]['probes']}" for p in metrics.RENDER_PARTS)
+    hub = " / ".join(str(parts[p]["rank1_hub_discounted"]) for p in metrics.RENDER_PARTS)
+    return f"{raw} ({hub})"
+
+
 def _method_note(method: str, summary: dict) -> str:
     """The method's cell: its note, with the noise seed when mideface ran with another one."""
     seed = summary.get("seed", DEFAULT_SEED)
@@ -392,6 +433,8 @@ def markdown_table(summary: dict) -> str:
         "| method | rank-1 after defacing | after median filter | after smoothing | faces "
         "detected | most own probes ranked first (one person) | rank-1 by an attacker who "
         "discounts hub faces: after defacing / median / smoothing (most own probes) "
+        "| rank-1 of one part of the render alone: the face labels / the rest of the view "
+        "(hub-discounted) "
         "| depth rank-1 | depth r with own original (median) | depth rank-1 outside the face "
         "labels | 3-D attacker rank-1 (ICP of the skin outside the face) | its depth r own / "
         "between people (median) | brain voxels changed "
@@ -399,7 +442,7 @@ def markdown_table(summary: dict) -> str:
         "| brain-mask volume change re-estimated on the defaced image, max \\|%\\| "
         "| s per subject (median) | GB per subject (peak) |"
     )
-    rows = [head, "|" + "---|" * 17]
+    rows = [head, "|" + "---|" * 18]
     control = summary["control"]
     between_s = (
         f"between people: {np.nanmedian(between):.3f} (max {np.nanmax(between):.3f})"
@@ -408,8 +451,8 @@ def markdown_table(summary: dict) -> str:
     )
     rows.append(
         f"| intact heads, ±30° probes (control) | {_rate(control)} | | | "
-        f"{_rate(control, 'detected')} | {_worst_person(control)} | {_discounted(control)} | | "
-        f"{between_s} | | | | | | | | |"
+        f"{_rate(control, 'detected')} | {_worst_person(control)} | {_discounted(control)} | "
+        f"{_by_part(summary.get('control_parts', {}))} | | {between_s} | | | | | | | | |"
     )
     for method, row in summary["methods"].items():
         tissue = row.get("tissue_change_pct_max_abs")
@@ -434,11 +477,12 @@ def markdown_table(summary: dict) -> str:
         )
         worst = " / ".join(_worst_person(row[v]) for v in VARIANTS)
         discounted = " / ".join(_discounted(row[v]) for v in VARIANTS)
+        parts = _by_part(row.get("parts", {}))
         note = _method_note(method, summary)
         rows.append(
             f"| {note} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
             f"{_rate(row['smooth'])} | {_rate(row['defaced'], 'detected')} | {worst} | "
-            f"{discounted} | {depth_rank} | {own} | {outside} | {icp_rank} | {icp_r} | "
+            f"{discounted} | {parts} | {depth_rank} | {own} | {outside} | {icp_rank} | {icp_r} | "
             f"{row.get('brain_voxels_changed', '–')} | {tissue_s} | {brain_s} | "
             f"{row.get('seconds_median', float('nan')):.1f} | "
             f"{row.get('peak_gb_max', float('nan')):.2f} |"
@@ -454,7 +498,11 @@ def markdown_table(summary: dict) -> str:
         "kind discounts hub faces: each gallery face's mean distance to those probes is "
         "subtracted before ranking (an average-looking face is otherwise nearest to most "
         "defaced faces, its owner's included); most own probes ranked first: after defacing / "
-        "median / smoothing. Depth: frontal depth maps (each head seen rigidly in the atlas "
+        "median / smoothing. One part alone: the probe and every gallery face with all but "
+        "that part painted black (the head's own face labels in its renders, or the rest of "
+        "the view): identity read from the rest is what remains outside the face labels, the "
+        "same for every defacer that leaves the rest. Depth: frontal depth maps (each head "
+        "seen rigidly in the atlas "
         "pose, with its own proportions) over the probe head's own face labels as its "
         "registration places them, Pearson r, ranked like the descriptors; outside the face "
         "labels: the same over the rest of the frontal view (scalp, ears, neck: what every "

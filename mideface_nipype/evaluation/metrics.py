@@ -50,6 +50,10 @@ GALLERY_YAW_DEG = 0.0
 PROBE_YAWS_DEG = (0.0, 30.0, -30.0)
 #: Intact probes of the control: turned views, never the gallery image itself.
 CONTROL_YAWS_DEG = (30.0, -30.0)
+#: Parts of a render an attacker may read alone: the head's own face labels (what a defacer
+#: replaces) or the rest of the view (forehead, ears, head outline: what every defacer here
+#: leaves); the other part is painted black in the probe and in the gallery alike.
+RENDER_PARTS = ("face", "rest")
 #: Elevation (deg) of the renders' light above the camera, as a portrait's key light.
 LIGHT_ELEVATION_DEG = 30.0
 #: Atlas surface labels that make up the face region of the depth-map comparison.
@@ -262,6 +266,16 @@ def describe_face(picture: np.ndarray, fallback: np.ndarray) -> Face:
     shape = predictor(picture, box)
     descriptor = np.asarray(model.compute_face_descriptor(picture, shape), dtype=np.float64)
     return Face(descriptor, detected, score)
+
+
+def part_picture(picture: np.ndarray, face_region: np.ndarray, part: str) -> np.ndarray:
+    """A render with everything but ``part`` (``RENDER_PARTS``) painted black: the attacker who
+    reads only the replaced face, or only what the defacer left around it."""
+    if part not in RENDER_PARTS:
+        raise ValueError(f"part must be one of {RENDER_PARTS}, not {part!r}")
+    out = np.array(picture, copy=True)
+    out[~face_region if part == "face" else face_region] = 0
+    return out
 
 
 def rank_of_truth(distances: np.ndarray, truth: np.ndarray) -> np.ndarray:
