@@ -506,6 +506,25 @@ def test_e2e_cached_subjects_serve_their_own_seed_only(e2e, tmp_path, monkeypatc
     assert "--seed" not in eval_cli.defacer_command("mideface", Path(heads[0]), copy, copy)
 
 
+def test_mideface_with_the_forehead_label_is_a_method_of_its_own():
+    """``mideface-forehead`` runs mideface with ``--forehead`` (and the seed asked for), is named
+    so in the table, and is compared only when asked for."""
+    head, out = Path("in.nii.gz"), Path("out.nii.gz")
+    command = eval_cli.defacer_command("mideface-forehead", head, out, Path("b"), seed=7)
+    assert command[2:] == ["mideface_nipype.cli.mideface", "--force", "--i", "in.nii.gz"] + [
+        "--o",
+        "out.nii.gz",
+        "--forehead",
+        "--seed",
+        "7",
+    ]
+    assert "--forehead" not in eval_cli.defacer_command("mideface", head, out, Path("b"))
+    assert "--forehead --seed 7" in eval_cli._method_note("mideface-forehead", {"seed": 7})
+    assert "--forehead" in eval_cli._method_note("mideface-forehead", {})
+    assert "mideface-forehead" in eval_cli.METHODS
+    assert "mideface-forehead" not in eval_cli.DEFAULT_METHODS
+
+
 def test_sources_hold_the_independent_mask_templates():
     for name in (metrics.SSW_FILE, metrics.ICBM_BRAIN_FILE):
         assert (ATLAS_SOURCES_DIR / name).is_file()

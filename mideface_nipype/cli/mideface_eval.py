@@ -29,12 +29,18 @@ from mideface_nipype.evaluation import metrics
 from mideface_nipype.evaluation.peers import PEERS
 from mideface_nipype.utils import io
 
-METHODS = ("mideface", *PEERS)
+#: mideface as a defacer: its defaults, and with the optional forehead label (where most of
+#: the identity left by the defaults sits): the options each adds to ``mideface --i --o``.
+MIDEFACE_METHODS = {"mideface": (), "mideface-forehead": ("--forehead",)}
+METHODS = (*MIDEFACE_METHODS, *PEERS)
+#: Compared unless ``--methods`` says otherwise.
+DEFAULT_METHODS = ("mideface", *PEERS)
 #: The defaced image and the refacing attacks on it.
 VARIANTS = ("defaced", "median", "smooth")
 #: Shown in the table next to each method's name.
 METHOD_NOTES = {
     "mideface": "mideface-nipype (`mideface --i IN --o OUT`, defaults)",
+    "mideface-forehead": "mideface-nipype (`mideface --i IN --o OUT --forehead`)",
     "quickshear": "quickshear 1.2 (PyPI), independent brain mask",
     "pydeface-ants": "pydeface 2.1 method: its template + face mask, ANTs affine (no FSL here)",
 }
@@ -52,11 +58,11 @@ def defacer_command(
     method: str, head: Path, out: Path, brain_mask: Path, seed: int = DEFAULT_SEED
 ) -> list[str]:
     """The whole process that defaces ``head`` into ``out`` with ``method`` (mideface with the
-    noise ``seed``: its defaults unless another one is asked for)."""
-    if method == "mideface":
+    noise ``seed``: its default unless another one is asked for)."""
+    if method in MIDEFACE_METHODS:
         cli = [sys.executable, "-m", "mideface_nipype.cli.mideface", "--force"]
         seeded = [] if seed == DEFAULT_SEED else ["--seed", str(seed)]
-        return [*cli, "--i", str(head), "--o", str(out), *seeded]
+        return [*cli, "--i", str(head), "--o", str(out), *MIDEFACE_METHODS[method], *seeded]
     cmd = [sys.executable, "-m", "mideface_nipype.evaluation.peers", method, str(head), str(out)]
     return [*cmd, "--brain-mask", str(brain_mask)] if method == "quickshear" else cmd
 
@@ -419,8 +425,9 @@ def _by_part(parts: dict) -> str:
 def _method_note(method: str, summary: dict) -> str:
     """The method's cell: its note, with the noise seed when mideface ran with another one."""
     seed = summary.get("seed", DEFAULT_SEED)
-    if method == "mideface" and seed != DEFAULT_SEED:
-        return f"mideface-nipype (`mideface --i IN --o OUT --seed {seed}`)"
+    if method in MIDEFACE_METHODS and seed != DEFAULT_SEED:
+        options = " ".join(("--i IN --o OUT", *MIDEFACE_METHODS[method], f"--seed {seed}"))
+        return f"mideface-nipype (`mideface {options}`)"
     return METHOD_NOTES[method]
 
 
@@ -548,9 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         nargs="+",
         choices=METHODS,
-        default=list(METHODS),
+        default=list(DEFAULT_METHODS),
         metavar="METHOD",
-        help=f"defacers to compare, among {', '.join(METHODS)} (default: all)",
+        help=f"defacers to compare, among {', '.join(METHODS)} (default: "
+        f"{' '.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
         "--sources",
