@@ -460,6 +460,16 @@ def test_registration_refusals_say_what_was_seen_and_what_to_try():
         assert "--init-reg" in message and "--no-samseg" in message and "contrast" in message
         assert "wrong way" not in message and "\n" not in message
     assert "no better than axis-turned copies" in str(pose.value)  # noise: nothing fits
+    # another contrast's coregistration (--apply-to) names the reference head and does not
+    # suggest the atlas registration's options, which do not reach it
+    with pytest.raises(register.RegistrationError) as coreg:
+        register.check_registration(
+            head, GridImage(noise, np.eye(4), grid), np.eye(4), refusal=register.COREG_REFUSAL
+        )
+    message = str(coreg.value)
+    assert "the reference head, registered, fits this image no better" in message
+    assert "face mask cannot be carried" in message and "same person" in message
+    assert "--init-reg" not in message and "atlas" not in message
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -379,10 +379,30 @@ def register_affine(
         return ants_transform_to_ras(prefix + "0GenericAffine.mat")
 
 
-#: What a refused registration's message suggests.
-_TRY = (
+@dataclass(frozen=True)
+class Refusal:
+    """How a refused registration's message names what was registered onto the image, what
+    cannot be done, and what to try."""
+
+    moving: str
+    consequence: str
+    advice: str
+
+
+#: The atlas registration of the head being defaced.
+ATLAS_REFUSAL = Refusal(
+    "the atlas",
+    "the face cannot be placed",
     "try --init-reg with a 4x4 subject->atlas matrix near the right pose, or --no-samseg, and "
-    "check that the image is a whole, unmasked head of T1-weighted contrast"
+    "check that the image is a whole, unmasked head of T1-weighted contrast",
+)
+#: The coregistration of another contrast (``--apply-to``) to the reference head: --init-reg
+#: and --no-samseg do not reach it.
+COREG_REFUSAL = Refusal(
+    "the reference head",
+    "the face mask cannot be carried to this image",
+    "check that this image is a whole, unmasked head of the same person as the reference (--i), "
+    "from the same session",
 )
 
 
@@ -430,8 +450,10 @@ def check_registration(
     *,
     min_head_dice: float = MIN_HEAD_DICE,
     min_pose_ratio: float = MIN_POSE_RATIO,
+    refusal: Refusal = ATLAS_REFUSAL,
 ) -> tuple[float, float]:
-    """Head-mask Dice and ``pose_ratio`` of a registration; ``RegistrationError`` if either fails.
+    """Head-mask Dice and ``pose_ratio`` of a registration; ``RegistrationError`` if either fails
+    (worded by ``refusal``).
 
     Inputs are the masked images and head masks on the axis-aligned grids registration ran on.
     ``min_pose_ratio`` 0 turns the pose check off, and the ratio (24 scorings of the head, a
@@ -440,24 +462,24 @@ def check_registration(
     dice = head_dice(fixed, moving, fixed_to_moving)
     if dice < min_head_dice:
         raise RegistrationError(
-            f"after registration the atlas head mask overlaps this head's mask with Dice "
-            f"{dice:.2f} (< {min_head_dice}): the atlas did not land on the head, nothing was "
-            f"defaced; {_TRY}"
+            f"after registration the head mask of {refusal.moving} overlaps this head's mask "
+            f"with Dice {dice:.2f} (< {min_head_dice}): {refusal.moving} did not land on the "
+            f"head, nothing was defaced; {refusal.advice}"
         )
     if min_pose_ratio <= 0:
         return dice, float("nan")
     ratio = pose_ratio(fixed, moving, fixed_to_moving)
     if ratio < min_pose_ratio:
         seen = (
-            "an axis-turned copy of the atlas fits this image clearly better than the registered "
-            "pose (heads turned in their header score 0.3 to 0.8)"
+            f"an axis-turned copy of {refusal.moving} fits this image clearly better than the "
+            "registered pose (heads turned in their header score 0.3 to 0.8)"
             if ratio < TURNED_POSE_RATIO
-            else "the registered atlas fits this image no better than axis-turned copies of it "
-            "(a whole T1w head scores 1.8 to 4.5)"
+            else f"{refusal.moving}, registered, fits this image no better than axis-turned "
+            "copies of it (a whole T1w head scores 1.8 to 4.5)"
         )
         raise RegistrationError(
-            f"{seen}: pose ratio {ratio:.2f} < {min_pose_ratio}, so the face cannot be placed and "
-            f"nothing was defaced; {_TRY}"
+            f"{seen}: pose ratio {ratio:.2f} < {min_pose_ratio}, so {refusal.consequence} and "
+            f"nothing was defaced; {refusal.advice}"
         )
     return dice, ratio
 
@@ -523,6 +545,7 @@ def register_heads(
     pyramid: tuple[tuple[int, ...], ...] = FULL_PYRAMID,
     convergence: tuple[float, int] | None = None,
     fixed_grids: HeadGrids | None = None,
+    refusal: Refusal = ATLAS_REFUSAL,
 ) -> tuple[np.ndarray, float]:
     """Register two heads; return the fixed->moving RAS matrix and the head-mask Dice it reaches.
 
@@ -533,7 +556,7 @@ def register_heads(
     ``convergence`` as in ``register_affine``) and refines it ``REFINE_PASSES`` times on the
     moving grid. Raises ``RegistrationError`` when the head masks overlap less than
     ``min_head_dice`` afterwards or the pose ratio is below ``min_pose_ratio``
-    (``check_registration``; 0 turns that check off).
+    (``check_registration``, worded by ``refusal``; 0 turns that check off).
     """
     f_grids = fixed_grids or head_grids(fixed, registration_mm, search=initial is None)
     f_grid, m_grid = f_grids.registration, moving.registration
@@ -572,7 +595,12 @@ def register_heads(
         )
         matrix = correction @ matrix
     dice, ratio = check_registration(
-        f_grid, m_grid, matrix, min_head_dice=min_head_dice, min_pose_ratio=min_pose_ratio
+        f_grid,
+        m_grid,
+        matrix,
+        min_head_dice=min_head_dice,
+        min_pose_ratio=min_pose_ratio,
+        refusal=refusal,
     )
     pose = "not checked" if np.isnan(ratio) else f"{ratio:.2f}"
     LOGGER.info("%s registration: head Dice %.3f, pose ratio %s", transform, dice, pose)
@@ -627,6 +655,7 @@ def coregister(
         score=mutual_information,
         pyramid=COREG_PYRAMID,
         convergence=COREG_CONVERGENCE,
+        refusal=COREG_REFUSAL,
         **kwargs,
     )
 
