@@ -80,6 +80,23 @@ def test_part_picture_paints_the_other_part_black():
         metrics.part_picture(picture, region, "ears")
 
 
+def test_one_part_attacker_counts_the_heads_a_method_did_deface():
+    """A method that failed on one head (no probes there) is ranked on the others, as in the
+    other columns; with no probe at all the cell is a dash."""
+    gallery = np.pad(np.eye(3), ((0, 0), (0, 125)))
+    arrays = [
+        {f"intact/only-{part}/0/descriptor": g for part in metrics.RENDER_PARTS} for g in gallery
+    ]
+    for arr, probe in zip(arrays[:2], gallery[:2], strict=True):  # failed on the third head
+        for part in metrics.RENDER_PARTS:
+            arr[f"m/only-{part}/0/descriptor"] = probe
+            arr[f"m/only-{part}/0/detected"] = np.array(False)
+    parts = eval_cli._parts(arrays, "m", [0.0])
+    assert all(parts[p]["probes"] == 2 and parts[p]["rank1"] == 2 for p in metrics.RENDER_PARTS)
+    assert eval_cli._by_part(parts) == "2/2 / 2/2 (2 / 2)"
+    assert eval_cli._by_part(eval_cli._parts(arrays, "other", [0.0])) == "–"
+
+
 def test_descriptor_distances_are_euclidean():
     probes = np.array([[0.0, 0.0], [3.0, 4.0]])
     gallery = np.array([[0.0, 0.0], [0.0, 4.0], [3.0, 0.0]])

@@ -324,11 +324,8 @@ def between_people_r(arrays: list[dict]) -> list[float]:
 
 def _parts(arrays: list[dict], prefix: str, yaws) -> dict:
     """Identification by each part of the renders alone, against the same part of the intact
-    frontal renders (the attacker who paints the rest black in both)."""
-    if any(
-        f"{prefix}/only-{metrics.RENDER_PARTS[0]}/{GALLERY_KEY}/descriptor" not in a for a in arrays
-    ):
-        return {}
+    frontal renders (the attacker who paints the rest black in both); a head the method failed
+    on has no probes, as in ``identification``."""
     return {
         part: identification(arrays, f"{prefix}/only-{part}", yaws, f"intact/only-{part}")
         for part in metrics.RENDER_PARTS
@@ -415,7 +412,7 @@ def _discounted(ident: dict) -> str:
 
 def _by_part(parts: dict) -> str:
     """Rank-1 of the face labels alone / the rest alone, hub-discounted in brackets."""
-    if not parts:
+    if not all(parts[p]["probes"] for p in metrics.RENDER_PARTS):
         return "–"
     raw = " / ".join(f"{parts[p]['rank1']}/{parts[p]['probes']}" for p in metrics.RENDER_PARTS)
     hub = " / ".join(str(parts[p]["rank1_hub_discounted"]) for p in metrics.RENDER_PARTS)
@@ -459,7 +456,7 @@ def markdown_table(summary: dict) -> str:
     rows.append(
         f"| intact heads, ±30° probes (control) | {_rate(control)} | | | "
         f"{_rate(control, 'detected')} | {_worst_person(control)} | {_discounted(control)} | "
-        f"{_by_part(summary.get('control_parts', {}))} | | {between_s} | | | | | | | | |"
+        f"{_by_part(summary['control_parts'])} | | {between_s} | | | | | | | | |"
     )
     for method, row in summary["methods"].items():
         tissue = row.get("tissue_change_pct_max_abs")
@@ -484,7 +481,7 @@ def markdown_table(summary: dict) -> str:
         )
         worst = " / ".join(_worst_person(row[v]) for v in VARIANTS)
         discounted = " / ".join(_discounted(row[v]) for v in VARIANTS)
-        parts = _by_part(row.get("parts", {}))
+        parts = _by_part(row["parts"])
         note = _method_note(method, summary)
         rows.append(
             f"| {note} | {_rate(row['defaced'])} | {_rate(row['median'])} | "
