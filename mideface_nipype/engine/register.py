@@ -32,9 +32,11 @@ from mideface_nipype.utils.geometry import (
     box_affine,
     centroid_mm,
     iso_grid,
+    mask_box,
     resample,
     sample_at,
     smooth_downsample,
+    voxel_sizes,
 )
 from mideface_nipype.utils.io import first_frame
 from mideface_nipype.utils.threads import pin_itk_threads
@@ -71,6 +73,14 @@ ATLAS_CONVERGENCE = (REFINE_THRESHOLD, 10)
 #: in the world ended 0.5-2 mm apart at the face (it meets the grid differently); two runs on the
 #: moving grid bring that to 0.1-0.2 mm (one run: 0.2-0.6 mm).
 REFINE_PASSES = 2
+#: The refining runs sample the moving head's bounding box and this much air around it, not the
+#: moving image's whole grid: outside the head both images are 0 (masked), so the rest of the
+#: grid only adds (air, air) samples. On the atlas grid the box is 80 % of the voxels: over the
+#: 9 T1w heads the refining runs do 15 % less ANTs work (iterations x voxels), the atlas
+#: registration takes 12 % less CPU, and the faces land within the registration's own noise
+#: of the whole grid's result (0.44-0.98 mm at most; ANTs seeds 2 and 3 against seed 1 move
+#: them 0.37-1.15 mm).
+REFINE_MARGIN_MM = 6.0
 #: Coregistration of another contrast of the same head (rigid): the first run stops at shrink 2,
 #: each level once converged; the refining passes do the full grid. On T2-, PD- and FLAIR-like
 #: remaps of 5 heads turned 12-14 degrees it lands as close to the known transform as the atlas's
@@ -562,12 +572,11 @@ def register_heads(
     f_grid, m_grid = f_grids.registration, moving.registration
     if initial is None:
         initial = search_initial_pose(f_grids.search, moving.search, score=score)
-    m, m_aff = m_grid.data, m_grid.affine
     matrix = register_affine(
         f_grid.data,
         f_grid.affine,
-        m,
-        m_aff,
+        m_grid.data,
+        m_grid.affine,
         initial=initial,
         transform=transform,
         pyramid=pyramid,
@@ -576,6 +585,8 @@ def register_heads(
     # then refine with the fixed head pulled into the moving head's frame: both images sit on the
     # moving grid whatever the fixed head's orientation, position and voxel grid, so the result
     # no longer depends on how the fixed head meets its own registration grid
+    box = mask_box(m_grid.mask, round(REFINE_MARGIN_MM / voxel_sizes(m_grid.affine)[0]))
+    m, m_aff = m_grid.data[box], box_affine(m_grid.affine, box)
     smoothed = f_grids.smoothed
     if smoothed is None:
         smoothed = anti_aliased_head(fixed, registration_mm)
