@@ -203,3 +203,34 @@ def test_pose_check_turned_off_is_not_computed(monkeypatch):
     monkeypatch.setattr(register, "pose_ratio", scored)
     dice, ratio = register.check_registration(head, noise, np.eye(4), min_pose_ratio=0.0)
     assert dice == 1.0 and np.isnan(ratio)
+
+
+def test_refining_runs_sample_the_moving_heads_box(monkeypatch):
+    """The refining runs see the moving head's box and ``REFINE_MARGIN_MM`` of air, on the
+    moving grid's voxels (not its whole grid); the first run sees both whole grids."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((30, 34, 32), bool)
+    mask[8:20, 10:22, 6:26] = True
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = (-40.0, -50.0, -45.0)
+    head = GridImage(np.where(mask, rng.random(mask.shape), 0).astype(np.float32), affine, mask)
+    calls = []
+
+    def recorded(fixed, fixed_affine, moving, moving_affine, **_kwargs):
+        calls.append((fixed.shape, fixed_affine, moving.shape, moving_affine))
+        return np.eye(4)
+
+    monkeypatch.setattr(register, "register_affine", recorded)
+    grids = register.head_grids(head)
+    register.register_heads(head, grids, initial=np.eye(4), fixed_grids=grids, min_pose_ratio=0.0)
+    margin = round(register.REFINE_MARGIN_MM / 3.0)
+    box_shape = (12 + 2 * margin, 12 + 2 * margin, 20 + 2 * margin)
+    first, *refining = calls
+    assert first[0] == first[2] == mask.shape
+    assert len(refining) == register.REFINE_PASSES
+    for fixed_shape, fixed_affine, moving_shape, moving_affine in refining:
+        assert fixed_shape == moving_shape == box_shape
+        np.testing.assert_array_equal(fixed_affine, moving_affine)
+        np.testing.assert_allclose(
+            moving_affine[:3, 3], affine[:3, 3] + 3.0 * np.array((8, 10, 6)) - 3.0 * margin
+        )
