@@ -564,9 +564,9 @@ def register_heads(
     ``search_initial_pose`` picks the start on the ``SEARCH_MM`` grids unless ``initial`` is
     given, then ANTs optimises a ``transform`` ("Affine" or "Rigid", Mattes MI; ``pyramid`` and
     ``convergence`` as in ``register_affine``) and refines it ``REFINE_PASSES`` times on the
-    moving grid. Raises ``RegistrationError`` when the head masks overlap less than
-    ``min_head_dice`` afterwards or the pose ratio is below ``min_pose_ratio``
-    (``check_registration``, worded by ``refusal``; 0 turns that check off).
+    moving grid's box around its head (``REFINE_MARGIN_MM``). Raises ``RegistrationError`` when
+    the head masks overlap less than ``min_head_dice`` afterwards or the pose ratio is below
+    ``min_pose_ratio`` (``check_registration``, worded by ``refusal``; 0 turns that check off).
     """
     f_grids = fixed_grids or head_grids(fixed, registration_mm, search=initial is None)
     f_grid, m_grid = f_grids.registration, moving.registration
