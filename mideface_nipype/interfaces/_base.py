@@ -111,7 +111,3 @@ def step(name: str, record: dict):
 def save_matrix(matrix: np.ndarray, path: str) -> str:
     np.savetxt(path, matrix, fmt="%.10f")
     return path
-
-
-def load_matrix(path: str) -> np.ndarray:
-    return np.loadtxt(path).reshape(4, 4)

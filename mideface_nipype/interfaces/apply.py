@@ -17,7 +17,6 @@ from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
     load_grid,
-    load_matrix,
     out_path,
     save_mask,
     save_matrix,
@@ -111,7 +110,7 @@ class ApplyFaceMask(StepInterface):
                 img.affine,
                 np.asarray(mask_img.dataobj),
                 mask_img.affine,
-                target_to_mask=load_matrix(self.inputs.transform)
+                target_to_mask=io.load_matrix(self.inputs.transform)
                 if self.inputs.transform
                 else None,
                 xmask=xmask,

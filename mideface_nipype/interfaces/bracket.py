@@ -12,12 +12,12 @@ from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
     load_mask,
-    load_matrix,
     out_path,
     save_mask,
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _BracketInputSpec(SubjectGridInputSpec):
@@ -61,7 +61,7 @@ class Bracket(StepInterface):
             if self.inputs.ripple:
                 ripple_spec = bracket.subject_ripple(
                     atlas.meta["ripple"]["center_mm"],
-                    load_matrix(self.inputs.transform),
+                    io.load_matrix(self.inputs.transform),
                     self.inputs.ripple_amp_mm,
                     self.inputs.ripple_period_mm,
                 )

@@ -10,12 +10,12 @@ from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
     load_mask,
-    load_matrix,
     out_path,
     save_mask,
     step,
     write_json,
 )
+from mideface_nipype.utils import io
 
 
 class _AtlasExclusionInputSpec(SubjectGridInputSpec):
@@ -39,7 +39,7 @@ class AtlasExclusionMask(StepInterface):
             head, affine = load_mask(self.inputs.head_mask)
             mask = exclusion.atlas_exclusion_mask(
                 load_atlas(self.inputs.atlas_dir or None),
-                load_matrix(self.inputs.transform),
+                io.load_matrix(self.inputs.transform),
                 head,
                 affine,
                 self.inputs.dilate_vox,

@@ -12,7 +12,6 @@ from mideface_nipype.interfaces._base import (
     AtlasInputSpec,
     StepInterface,
     load_mask,
-    load_matrix,
     out_path,
     save_grid,
     save_matrix,
@@ -53,7 +52,9 @@ class RegisterAtlas(StepInterface):
             img = io.load_volume(self.inputs.in_file)
             head, _ = load_mask(self.inputs.head_mask)
             atlas = load_atlas(self.inputs.atlas_dir or None)
-            init = load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
+            init = (
+                io.load_matrix(self.inputs.init_transform) if self.inputs.init_transform else None
+            )
             subject = GridImage(io.first_frame(img), img.affine, head)
             # the search grid also after --init-reg when other contrasts are searched against it
             grids = register.head_grids(
@@ -100,7 +101,7 @@ class ProjectSurface(StepInterface):
     def _run_interface(self, runtime):
         atlas = load_atlas(self.inputs.atlas_dir or None)
         vertices, faces, regions = register.project_surface(
-            atlas, load_matrix(self.inputs.transform)
+            atlas, io.load_matrix(self.inputs.transform)
         )
         save_surface(Path(runtime.cwd), vertices, faces, regions, atlas.watermark)
         self._results["out_file"] = out_path(runtime, SURFACE_FILE)

@@ -19,7 +19,6 @@ from nipype.interfaces.base import (
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
-    load_matrix,
     out_path,
     step,
     write_json,
@@ -71,7 +70,7 @@ class Pics(StepInterface):
                 io.first_frame(img),
                 io.first_frame(defaced),
                 img.affine,
-                load_matrix(self.inputs.transform),
+                io.load_matrix(self.inputs.transform),
                 np.asarray(nib.load(self.inputs.face_mask).dataobj),
                 xmask,
             )

@@ -11,7 +11,6 @@ from mideface_nipype.interfaces._base import (
     StepInterface,
     SubjectGridInputSpec,
     load_mask,
-    load_matrix,
     out_path,
     save_mask,
     step,
@@ -53,7 +52,7 @@ class Segment(StepInterface):
                 img.affine,
                 head,
                 load_atlas(self.inputs.atlas_dir or None),
-                load_matrix(self.inputs.transform),
+                io.load_matrix(self.inputs.transform),
             )
             xmask = segment.exclusion_mask(seg, head, self.inputs.dilate_vox)
         record.update(
