@@ -652,7 +652,8 @@ def register_heads(
         LOGGER.info("refused (%s); the pose search again, its starts shifted along z", refused)
         try:
             return fit(again)
-        except RegistrationError:
+        except RegistrationError as refused_again:
+            LOGGER.info("refused again (%s)", refused_again)
             raise refused from None
 
 
