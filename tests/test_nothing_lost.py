@@ -568,6 +568,15 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[Path, str]:
         body = header.binaryblock + b"\0" * 4 + stored.tobytes(order="F")
         path.write_bytes(gzip.compress(body))
         return path, "overflows float32"
+    if case in ("pixdim 0, qform", "pixdim 0, no qform or sform"):  # nibabel would read 1 mm
+        header = img.header.copy()
+        with_qform = case == "pixdim 0, qform"
+        header.set_sform(None, code=0)
+        header.set_qform(img.affine if with_qform else None, code=int(with_qform))
+        zeroed = nib.Nifti1Image(real, None, header)
+        zeroed.header["pixdim"][1:4] = 0.0  # after the image's own header check
+        nib.save(zeroed, path)
+        return path, "no voxel size"
     affine = img.affine.copy()
     if case == "degenerate affine":
         affine[:3, 0] = 0.0
@@ -604,6 +613,8 @@ BAD_INPUTS = [
     "header claims 1600^3",
     "header claims 20000^3",
     "scl_slope 1e36 on int16",
+    "pixdim 0, qform",
+    "pixdim 0, no qform or sform",
     "degenerate affine",
     "NaN affine",
     "km voxels",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import logging
 import os
 import shutil
 import stat
@@ -69,7 +70,8 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
     if path.is_dir():
         raise InputError("is a folder, not a volume file", path=path)
     try:
-        img = nib.load(path)
+        with _quiet_nibabel():
+            img = nib.load(path)
     except (
         nib.filebasedimages.ImageFileError,
         nib.spatialimages.HeaderDataError,
@@ -93,6 +95,7 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
         )
     if len(shape) > 4 and any(n > 1 for n in shape[4:]):
         raise InputError(f"has {len(shape)} dimensions {shape}; 3-D or 4-D is needed", path=path)
+    _check_voxel_size(img, path)
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InputError("has an unusable voxel-to-world affine", path=path)
@@ -128,6 +131,38 @@ def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatial
         raise InputError("is empty (every voxel has the same value)", path=path)
     _check_scaling(img, data, path)
     return img
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs the header fixes it makes (a 0 pixdim read as 1) as warnings of its own:
+    the command's one error line says what matters (``_check_voxel_size``)."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_voxel_size(img: nib.spatialimages.SpatialImage, path: Path) -> None:
+    """A NIfTI whose affine comes from ``pixdim`` (no sform) must give its voxel size there:
+    nibabel reads a 0 as 1 mm, and a 2 mm head read at 1 mm is half its size (the atlas then
+    fits it nowhere, which showed only after the registration, as a misleading refusal)."""
+    if not isinstance(img.header, nib.Nifti1Header) or img.header["sform_code"] > 0:
+        return
+    # the header as stored: nibabel's loaded header has its zeros already replaced by 1
+    holder = img.file_map.get("header") or img.file_map["image"]  # a pair, or one file
+    with nib.openers.ImageOpener(holder.filename) as stream:
+        stored = type(img.header).from_fileobj(stream, check=False)
+    pixdim = np.asarray(stored["pixdim"][1:4], dtype=float)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        raise InputError(
+            f"the header gives no voxel size (pixdim {pixdim.tolist()} and no sform): "
+            "the head's size in mm is unknown",
+            path=path,
+        )
 
 
 def load_matrix(path: str | Path) -> np.ndarray:
