@@ -10,9 +10,11 @@ between test_cli.py and test_robustness.py) are one table each here.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -642,6 +644,66 @@ def test_bad_input_is_refused_cleanly(tmp_path, capsys, case, output):
         assert not out_dir.exists()
 
 
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    """A write the file system refuses names the output (not a staging or temp name, not the
+    input) and leaves no temp file and no folder made for it."""
+    target = tmp_path / "new" / "deeper" / "defaced.nii.gz"
+    with pytest.raises(io.OutputError) as caught, io.atomic_path(target):
+        _no_space()
+    assert str(caught.value) == f"{target}: cannot be written (No space left on device)"
+    assert tree(tmp_path) == set()
+    # staged (--odir): the final name, and the staging folder gone
+    src = tmp_path / "src.txt"
+    src.write_text("x")
+    publisher = io.Publisher([src])
+    monkeypatch.setattr(shutil, "copyfile", _no_space)
+    with pytest.raises(io.OutputError) as caught, publisher.staged(tmp_path / "od"):
+        publisher.copy(src, tmp_path / "od" / "sub" / "stats.json")
+    assert caught.value.path == str(tmp_path / "od" / "sub" / "stats.json")
+    assert tree(tmp_path / "od") == set()
+
+
+def test_a_log_that_cannot_be_written_stops_the_run_at_once(tmp_path, capsys, no_engine):
+    """--log on a full device (/dev/full): one line naming the log, before any work, nothing
+    written, and the device left as it was."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    device = os.stat("/dev/full")
+    out = tmp_path / "out" / "defaced.nii.gz"
+    argv = ["--i", HEAD, "--o", out, "--log", "/dev/full"]
+    refused(argv, capsys, [HEAD], "/dev/full: cannot be written (No space left on device)")
+    assert not (tmp_path / "out").exists()
+    assert os.stat("/dev/full").st_rdev == device.st_rdev
+
+
+@pytest.mark.parametrize(
+    ("fails", "code"), [("flush", errno.ENOSPC), ("_open", errno.EROFS)], ids=["full", "read-only"]
+)
+def test_an_odir_whose_log_cannot_be_written_is_left_absent(
+    tmp_path, capsys, monkeypatch, no_engine, fails, code
+):
+    """--odir on a full disk (the log's first line fails) or a read-only one (opening it fails):
+    the run stops there, one line naming the log, and neither the log nor the folders made for
+    it are left."""
+    from mideface_nipype.cli import common
+
+    def refuse(*_args, **_kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(common.LogFile, fails, refuse)
+    od = tmp_path / "a" / "od"
+    problem = f"{od / 'log' / 'mideface.log'}: cannot be written ({os.strerror(code)})"
+    refused(["--i", HEAD, "--odir", od], capsys, [HEAD], problem)
+    assert tree(tmp_path) == set()
+
+
 def test_a_rewritten_gzip_is_read_to_its_end_again(tmp_path, monkeypatch):
     """The gzip stream is read to its end once per file and process, and the steps that load
     the file again read it from memory (the same header, values, class and file name); the same
@@ -762,11 +824,12 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(nib, "save", dies_half_way)
-    with pytest.raises(OSError):
+    named = f"{target}: cannot be written (No space left on device)"
+    with pytest.raises(io.OutputError, match=re.escape(named)):
         io.Publisher([HEAD]).save_volume(img, target)
     assert list(tmp_path.iterdir()) == []
     target.write_bytes(b"previous result")
-    with pytest.raises(OSError):
+    with pytest.raises(io.OutputError, match=re.escape(named)):
         io.Publisher([HEAD], force=True).save_volume(img, target)
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
     assert target.read_bytes() == b"previous result"

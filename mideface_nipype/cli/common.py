@@ -8,12 +8,75 @@ import logging
 import sys
 from pathlib import Path
 
-from mideface_nipype.utils.errors import InputError, carried_error
+from mideface_nipype.utils.errors import InputError, OutputError, carried_error
 
 #: The package's logger: every module logs under it (``logging.getLogger(__name__)``).
 PACKAGE_LOGGER = logging.getLogger("mideface_nipype")
 #: Nipype's loggers, quiet unless ``--verbose`` (their tracebacks of a failed node included).
 NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
+
+
+class LogFile(logging.FileHandler):
+    """The run's log file. A write the file system refuses (full, read-only) is kept as
+    ``problem`` instead of a "--- Logging error ---" traceback on stderr per line; at the start
+    of a run ``check_log`` then stops it with one line."""
+
+    def __init__(self, path: Path):
+        folders = (path.parent, *path.parent.parents)
+        self.created = [folder for folder in folders if not folder.exists()]
+        self.existed = path.exists()  # a log appended to (or /dev/full) is never removed
+        self.problem: OSError | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            super().__init__(path)
+        except OSError as err:
+            self._remove_created()
+            raise OutputError(f"cannot be written ({err.strerror or err})", path=path) from err
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.problem is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.problem = error
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as err:  # the last flush
+            self.problem = self.problem or err
+
+    def discard(self) -> None:
+        """Close, and remove the log and the folders made for it (unless it was there)."""
+        self.close()
+        if not self.existed:
+            Path(self.baseFilename).unlink(missing_ok=True)
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # deepest first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def check_log() -> None:
+    """``OutputError`` naming the log file if a line could not be written to it (disk full),
+    the log discarded first: while the run still holds its output lock, whose folders are then
+    left empty for the lock to remove."""
+    for handler in PACKAGE_LOGGER.handlers:
+        if isinstance(handler, LogFile) and handler.problem is not None:
+            PACKAGE_LOGGER.removeHandler(handler)
+            handler.discard()
+            raise OutputError(
+                f"cannot be written ({handler.problem.strerror or handler.problem})",
+                path=handler.baseFilename,
+            )
 
 
 class Parser(argparse.ArgumentParser):
@@ -161,8 +224,7 @@ def setup_logging(prog: str, verbose: bool, log_file: Path | None = None) -> Non
     fmt = logging.Formatter(f"%(asctime)s {prog}: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(LogFile(log_file))
     for handler in handlers:
         handler.setFormatter(fmt)
         PACKAGE_LOGGER.addHandler(handler)
@@ -194,7 +256,7 @@ def log_error(message: str) -> None:
         PACKAGE_LOGGER.name, logging.ERROR, __file__, 0, "error: %s", (message,), None
     )
     for handler in PACKAGE_LOGGER.handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, LogFile):
             handler.handle(record)
 
 

@@ -18,6 +18,7 @@ from mideface_nipype.cli.common import (
     Parser,
     add_engine_options,
     add_max_gb_option,
+    check_log,
     close_logging,
     configure_nipype,
     engine_options,
@@ -282,6 +283,8 @@ def run_apply(args) -> int:
     work = Path(args.work_dir) if args.work_dir else None
     with io.maybe_locked(work, "work folder"), io.locked(out, "output"):
         setup_logging("mideface", args.verbose, Path(args.log) if args.log else None)
+        LOGGER.info("mideface-nipype %s: --apply %s %s -> %s", __version__, vol, facemask, out)
+        check_log()
         configure_nipype(stop_on_first_crash=True)
         scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
         try:
@@ -368,6 +371,7 @@ def run(args) -> int:
         setup_logging("mideface", args.verbose, log_file)
         configure_nipype(stop_on_first_crash=True)
         LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
+        check_log()  # a log that cannot be written: the outputs could not be either
         if args.o and odir is not None and not args.odir:
             LOGGER.info("--o %s has no volume suffix: it is the output folder", args.o)
         start = time.perf_counter()

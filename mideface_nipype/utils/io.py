@@ -9,6 +9,7 @@ removes whatever the run wrote.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import logging
@@ -44,6 +45,10 @@ DEFAULT_MAX_GB = 8.0
 #: 75 bytes (19 float32) per voxel above a fixed 0.6 GB.
 WORK_COPIES = 20
 
+
+#: errno values of a write the file system refused (full, over quota, read-only, file too big):
+#: the output that could not be written is named, as for any other output error.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 #: Name start of the hidden folder where ``Publisher.staged`` files wait.
 STAGING_PREFIX = ".mideface-staging."
@@ -436,17 +441,27 @@ def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) 
     The file is fsynced before the rename and gets ``mode`` (default: what the umask implies).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
         yield tmp
         os.chmod(tmp, umask_mode() if mode is None else mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # the folders made for this file, deepest first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise OutputError(f"cannot be written ({err.strerror})", path=path) from err
         raise
 
 
@@ -614,8 +629,13 @@ class Publisher:
         target = dst
         if self._stage is not None and dst.resolve().is_relative_to(self._stage[0]):
             target = self._stage[1] / dst.resolve().relative_to(self._stage[0])
-        with atomic_path(target, suffix=suffix, mode=mode) as tmp:
-            write(tmp)
+        try:
+            with atomic_path(target, suffix=suffix, mode=mode) as tmp:
+                write(tmp)
+        except OutputError as err:
+            if target is dst or err.path != str(target):
+                raise
+            raise OutputError(err.problem, path=dst) from err.__cause__  # not the staging name
         if target is dst:
             self._written.append(dst)
         else:
