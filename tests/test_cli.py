@@ -17,6 +17,7 @@ from conftest import HEADS_DIR, default_run
 from mideface_nipype import __version__
 from mideface_nipype.cli import mideface as cli
 from mideface_nipype.reports import report
+from mideface_nipype.workflows.multiproc import MultiProcPlugin
 
 SAMPLE = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
 
@@ -249,7 +250,9 @@ def test_other_contrasts_threads_init_reg_and_pics(graph_of, tmp_path):
     assert _inputs(wf, "register", "search_grid") == (True,)
     assert _feeds(wf, "coregister", "reference_search_grid") == [("register", "search_grid")]
     _, plugin, plugin_args = graph_of("--threads", "2")
-    assert (plugin, plugin_args) == ("MultiProc", {"n_procs": 2})
+    plugin.pool.shutdown()
+    assert isinstance(plugin, MultiProcPlugin) and plugin_args is None
+    assert (plugin.plugin_args, plugin.processors) == ({"n_procs": 2}, 2)
     matrix = tmp_path / "init.txt"
     np.savetxt(matrix, np.eye(4))
     wf, _, _ = graph_of("--init-reg", matrix)

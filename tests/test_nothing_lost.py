@@ -704,6 +704,37 @@ def test_an_odir_whose_log_cannot_be_written_is_left_absent(
     assert tree(tmp_path) == set()
 
 
+def test_a_full_work_folder_is_named_and_its_graph_ends(tmp_path, capsys, monkeypatch):
+    """A write refused in the work folder (the graph's own files, or a node's result) names the
+    work folder, not the input; a MultiProc node whose result could not be written fails its
+    graph (Nipype's MultiProc dropped the task and waited for ever: 10 minutes, measured)."""
+    from concurrent.futures import Future
+
+    from mideface_nipype.workflows.multiproc import MultiProcPlugin
+
+    plugin = MultiProcPlugin(plugin_args={"n_procs": 1})
+    try:
+        lost = Future()
+        lost.set_exception(FileNotFoundError("/w/register/result_register.pklz"))
+        plugin._task_obj[7] = lost
+        plugin._async_callback(lost)  # Nipype's raised here, and task 7 never ended
+        result = plugin._get_result(7)
+    finally:
+        plugin.pool.shutdown()
+    assert result["taskid"] == 7 and "result_register.pklz" in "".join(result["traceback"])
+    crash = RuntimeError("OSError: [Errno 28] No space left on device\nFileNotFoundError: x")
+    assert str(io.work_folder_error(crash, tmp_path / "w")) == (
+        f"{tmp_path / 'w'}: the work folder cannot be written (No space left on device): "
+        "free space there, or give --work-dir on another disk"
+    )
+    assert io.work_folder_error(RuntimeError("ValueError: bad"), tmp_path) is None
+    # the command names the work folder (here the graph fails writing its own files)
+    monkeypatch.setattr(base, "run_workflow", lambda *_a, **_k: _no_space())
+    out, work = tmp_path / "out" / "defaced.nii.gz", tmp_path / "w"
+    refused(["--i", HEAD, "--o", out, "--work-dir", work], capsys, [HEAD], f"{work}: the work")
+    assert not out.parent.exists()
+
+
 def test_a_rewritten_gzip_is_read_to_its_end_again(tmp_path, monkeypatch):
     """The gzip stream is read to its end once per file and process, and the steps that load
     the file again read it from memory (the same header, values, class and file name); the same

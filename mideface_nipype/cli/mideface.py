@@ -303,7 +303,12 @@ def run_apply(args) -> int:
                 fill_const=fill_const,
                 stat_frame=args.statframe,
             )
-            graph = run_workflow(workflow, scratch)
+            try:
+                graph = run_workflow(workflow, scratch)
+            except Exception as err:
+                if (named := io.work_folder_error(err, scratch)) is None:
+                    raise
+                raise named from err
             (node,) = [n for n in graph.nodes() if n.name == "apply_mask"]
             stats = json.loads(Path(node.result.outputs.out_stats).read_text())
         finally:
@@ -378,6 +383,10 @@ def run(args) -> int:
         scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
         try:
             run_workflow(build_workflow(args, in_file, outputs), scratch, n_procs=args.threads)
+        except Exception as err:
+            if (named := io.work_folder_error(err, scratch)) is None:
+                raise
+            raise named from err
         finally:
             if work is None:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -237,15 +237,20 @@ def wait_for_slurm_jobs(tag: str, poll_s: float = SLURM_POLL_S) -> None:
 
 
 def _crash_reasons(crash_dir: Path, since: float) -> dict[str, str]:
-    """{node hierarchy: one-line reason} from Nipype's text crash files written since ``since``."""
+    """{node hierarchy: one-line reason} from Nipype's text crash files written since ``since``
+    (a write refused in the work folder, ``crash_dir``'s parent, is said so: the last line of
+    such a crash names a missing result file)."""
+    from mideface_nipype.utils import io
+
     reasons = {}
     for crash in crash_dir.glob("crash-*.txt"):
         if crash.stat().st_mtime < since:
             continue
-        text = crash.read_text(errors="replace")
-        lines = [ln for ln in text.splitlines() if ln.startswith("Node:")]
+        error = RuntimeError(crash.read_text(errors="replace"))
+        lines = [ln for ln in str(error).splitlines() if ln.startswith("Node:")]
         node = lines[0].split(":", 1)[1].strip() if lines else ""
-        reasons[node] = error_line(RuntimeError(text))
+        full = io.work_folder_error(error, crash_dir.parent)
+        reasons[node] = str(full) if full is not None else error_line(error)
     return reasons
 
 
@@ -304,7 +309,8 @@ def run(args) -> int:
 
 
 def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
-    from mideface_nipype.utils import bids
+    from mideface_nipype.utils import bids, io
+    from mideface_nipype.workflows.multiproc import MultiProcPlugin
 
     setup_logging("mideface-bids", args.verbose)
     # one subject's failure must not stop the others
@@ -338,9 +344,16 @@ def _run_locked(args, bids_dir, output_dir, work_dir, plugin_args, tag) -> int:
     workflow.base_dir = str(work_dir)
     start, started_at = time.perf_counter(), time.time()
     try:
-        workflow.run(plugin=args.plugin, plugin_args=plugin_args)
+        if args.plugin == "MultiProc":  # one that ends when a node's work folder is full
+            workflow.run(plugin=MultiProcPlugin(plugin_args=plugin_args))
+        else:
+            workflow.run(plugin=args.plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # Nipype: "Workflow did not execute cleanly"
         LOGGER.debug("workflow failed: %s", err)
+    except OSError as err:  # the graph's own files (before any node)
+        if (named := io.work_folder_error(err, work_dir)) is None:
+            raise
+        raise named from err
     if tag:
         wait_for_slurm_jobs(tag)
     reasons = _crash_reasons(work_dir / "crash", started_at)

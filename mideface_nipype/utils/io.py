@@ -14,6 +14,7 @@ import fcntl
 import gzip
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -26,7 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from mideface_nipype import __version__
-from mideface_nipype.utils.errors import InputError, OutputError
+from mideface_nipype.utils.errors import InputError, OutputError, carried_error
 from mideface_nipype.utils.geometry import voxel_sizes
 
 #: Volume file name endings that nibabel reads and writes.
@@ -49,6 +50,9 @@ WORK_COPIES = 20
 #: errno values of a write the file system refused (full, over quota, read-only, file too big):
 #: the output that could not be written is named, as for any other output error.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+#: An OSError as a traceback's text gives it (a Nipype node's crash): its errno and reason.
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:'\n]+)")
 
 #: Name start of the hidden folder where ``Publisher.staged`` files wait.
 STAGING_PREFIX = ".mideface-staging."
@@ -463,6 +467,31 @@ def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) 
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             raise OutputError(f"cannot be written ({err.strerror})", path=path) from err
         raise
+
+
+def refused_write(err: BaseException) -> str | None:
+    """The file system's reason when ``err`` is, or its text reports (a Nipype node's crash), a
+    write it refused (``WRITE_ERRNOS``); else None."""
+    if isinstance(err, OSError):
+        return err.strerror if err.errno in WRITE_ERRNOS else None
+    for match in _ERRNO_TEXT.finditer(str(err)):
+        if int(match.group(1)) in WRITE_ERRNOS:
+            return match.group(2).strip()
+    return None
+
+
+def work_folder_error(err: Exception, work: Path) -> OutputError | None:
+    """An ``OutputError`` naming the work folder when the file system refused a write there (an
+    output's own refusal names the output already), else None: a graph's intermediate files
+    fill the work folder, which a temporary one hides from the user."""
+    reason = refused_write(err)
+    if reason is None or carried_error(err) is not None:
+        return None
+    return OutputError(
+        f"the work folder cannot be written ({reason}): free space there, or give --work-dir "
+        "on another disk",
+        path=work,
+    )
 
 
 def remove_stale_temps(path: str | Path) -> None:

@@ -25,6 +25,7 @@ from mideface_nipype.interfaces import (
     Segment,
 )
 from mideface_nipype.reports.methods import methods_text
+from mideface_nipype.workflows.multiproc import MultiProcPlugin
 from mideface_nipype.workflows.outputs import Outputs, init_outputs_wf
 
 OUTPUT_FIELDS = [
@@ -423,5 +424,5 @@ def run_workflow(workflow: pe.Workflow, work_dir: str | Path, *, n_procs: int = 
     # its copy wins over the global settings; its nodes take theirs from it
     workflow.config["execution"]["crashdump_dir"] = str(work_dir)
     if n_procs > 1:
-        return workflow.run(plugin="MultiProc", plugin_args={"n_procs": n_procs})
+        return workflow.run(plugin=MultiProcPlugin(plugin_args={"n_procs": n_procs}))
     return workflow.run(plugin="Linear")
