@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mideface_nipype.utils.errors import InputError, OutputError, carried_error
+from mideface_nipype.utils.errors import InputError, carried_error
 
 #: The package's logger: every module logs under it (``logging.getLogger(__name__)``).
 PACKAGE_LOGGER = logging.getLogger("mideface_nipype")
@@ -22,16 +22,17 @@ class LogFile(logging.FileHandler):
     of a run ``check_log`` then stops it with one line."""
 
     def __init__(self, path: Path):
-        folders = (path.parent, *path.parent.parents)
-        self.created = [folder for folder in folders if not folder.exists()]
+        from mideface_nipype.utils import io
+
+        self.created = io.missing_folders(path.parent)
         self.existed = path.exists()  # a log appended to (or /dev/full) is never removed
         self.problem: OSError | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             super().__init__(path)
         except OSError as err:
-            self._remove_created()
-            raise OutputError(f"cannot be written ({err.strerror or err})", path=path) from err
+            io.remove_empty(self.created)
+            raise io.cannot_write(path, err) from err
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.problem is None:
@@ -52,17 +53,12 @@ class LogFile(logging.FileHandler):
 
     def discard(self) -> None:
         """Close, and remove the log and the folders made for it (unless it was there)."""
+        from mideface_nipype.utils import io
+
         self.close()
         if not self.existed:
             Path(self.baseFilename).unlink(missing_ok=True)
-            self._remove_created()
-
-    def _remove_created(self) -> None:
-        for folder in self.created:  # deepest first, while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+            io.remove_empty(self.created)
 
 
 def check_log() -> None:
@@ -71,12 +67,11 @@ def check_log() -> None:
     left empty for the lock to remove."""
     for handler in PACKAGE_LOGGER.handlers:
         if isinstance(handler, LogFile) and handler.problem is not None:
+            from mideface_nipype.utils import io
+
             PACKAGE_LOGGER.removeHandler(handler)
             handler.discard()
-            raise OutputError(
-                f"cannot be written ({handler.problem.strerror or handler.problem})",
-                path=handler.baseFilename,
-            )
+            raise io.cannot_write(handler.baseFilename, handler.problem)
 
 
 class Parser(argparse.ArgumentParser):

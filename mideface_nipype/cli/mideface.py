@@ -303,12 +303,8 @@ def run_apply(args) -> int:
                 fill_const=fill_const,
                 stat_frame=args.statframe,
             )
-            try:
+            with io.naming_work_folder(scratch):
                 graph = run_workflow(workflow, scratch)
-            except Exception as err:
-                if (named := io.work_folder_error(err, scratch)) is None:
-                    raise
-                raise named from err
             (node,) = [n for n in graph.nodes() if n.name == "apply_mask"]
             stats = json.loads(Path(node.result.outputs.out_stats).read_text())
         finally:
@@ -382,11 +378,8 @@ def run(args) -> int:
         start = time.perf_counter()
         scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
         try:
-            run_workflow(build_workflow(args, in_file, outputs), scratch, n_procs=args.threads)
-        except Exception as err:
-            if (named := io.work_folder_error(err, scratch)) is None:
-                raise
-            raise named from err
+            with io.naming_work_folder(scratch):
+                run_workflow(build_workflow(args, in_file, outputs), scratch, n_procs=args.threads)
         finally:
             if work is None:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -436,6 +436,25 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first: what making it makes."""
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``missing_folders``' list again, deepest first, as long as each is empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def cannot_write(path: str | Path, err: OSError) -> OutputError:
+    """The one line for a file the file system would not write (``WRITE_ERRNOS``)."""
+    return OutputError(f"cannot be written ({err.strerror or err})", path=path)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) -> Iterator[str]:
     """A temporary name beside ``path`` to write to; renamed to ``path`` only on success.
@@ -445,7 +464,7 @@ def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) 
     The file is fsynced before the rename and gets ``mode`` (default: what the umask implies).
     """
     path = Path(path)
-    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    created = missing_folders(path.parent)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -459,13 +478,9 @@ def atomic_path(path: str | Path, *, suffix: str = "", mode: int | None = None) 
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        for folder in created:  # the folders made for this file, deepest first, while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty(created)
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
-            raise OutputError(f"cannot be written ({err.strerror})", path=path) from err
+            raise cannot_write(path, err) from err
         raise
 
 
@@ -492,6 +507,17 @@ def work_folder_error(err: Exception, work: Path) -> OutputError | None:
         "on another disk",
         path=work,
     )
+
+
+@contextmanager
+def naming_work_folder(work: Path) -> Iterator[None]:
+    """Run a graph: a write refused in its work folder is re-raised as ``work_folder_error``."""
+    try:
+        yield
+    except Exception as err:
+        if (named := work_folder_error(err, work)) is None:
+            raise
+        raise named from err
 
 
 def remove_stale_temps(path: str | Path) -> None:
@@ -681,7 +707,7 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
     """
     path = Path(path)
     lock_file = path.parent / f".{path.name}.lock"
-    created = [f for f in (lock_file.parent, *lock_file.parent.parents) if not f.exists()]
+    created = missing_folders(lock_file.parent)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -702,11 +728,7 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
     finally:
         lock_file.unlink(missing_ok=True)
         os.close(fd)
-        for folder in created:  # the folders made for the lock, if the run left them empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty(created)  # the folders made for the lock, if the run left them empty
 
 
 def maybe_locked(path: str | Path | None, what: str):
