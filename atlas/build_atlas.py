@@ -64,7 +64,7 @@ BOX_MAX_MM = np.array([100.0, 124.0, 110.0])
 BUILD_MM = 1.0
 #: ANTs pyramid of the build's one registration (MNI -> pydeface average head, 2 mm), given
 #: explicitly: the build has no refining run, and the committed atlas was made with this pyramid,
-#: so a change of the engine's ``FULL_PYRAMID`` leaves the atlas reproducible.
+#: so a change of the engine's ``ATLAS_PYRAMID`` leaves the atlas reproducible.
 MNI_PYRAMID = ((200, 200, 100), (4, 2, 1), (2, 1, 0))
 SURFACE_MM = 1.5
 HEAD_THRESHOLD = 80.0
