@@ -49,7 +49,7 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
 FACE_REGION_KEY = "intact/face_region"
 #: Version of the per-head records: a cached record of another version is made again.
-RECORD_FORMAT = 5
+RECORD_FORMAT = 6
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -160,6 +160,11 @@ def evaluate_head(
     }
     before = metrics.tissue_volumes_ml(img, brain) if tissue else None
     record["tissue_ml"] = before
+    if tissue:  # the eICV's original: its mask by ``EICV_TRANSFORM``, as its defaced images'
+        eicv = metrics.independent_brain_mask(
+            img, sources, subject_to_atlas, transform=metrics.EICV_TRANSFORM
+        )
+        record["eicv_ml"] = _ml(eicv, img)
     for method in methods:
         out = publisher.check(files[method])
         entry: dict = {}
@@ -180,10 +185,12 @@ def evaluate_head(
             entry["tissue_ml"] = metrics.tissue_volumes_ml(dimg, brain)
             entry["tissue_change_pct"] = metrics.percent_change(before, entry["tissue_ml"])
             # the eICV analog: the brain mask again on the defaced image, from the original's start
-            brain_again = metrics.independent_brain_mask(dimg, sources, subject_to_atlas)
+            brain_again = metrics.independent_brain_mask(
+                dimg, sources, subject_to_atlas, transform=metrics.EICV_TRANSFORM
+            )
             entry["brain_ml"] = _ml(brain_again, dimg)
             entry["brain_ml_change_pct"] = metrics.percent_change(
-                {"brain": record["brain_ml"]}, {"brain": entry["brain_ml"]}
+                {"brain": record["eicv_ml"]}, {"brain": entry["brain_ml"]}
             )["brain"]
         arrays.update(
             _pack_skin(
@@ -520,8 +527,10 @@ def markdown_table(summary: dict) -> str:
         "template's brain and skull, ICBM 2009a brain. Tissue: N4 in the original's brain mask, "
         "then ANTs Atropos (3 classes, 2 mm) in it, as antsAtroposN4 and smriprep segment, the "
         "same mask before and after (a defacer that changes no brain voxel scores 0). Brain-mask "
-        "volume: the independent brain mask estimated again on the defaced image from the same "
-        "start, in % of the original's (the eICV of the MiDeFace authors, -0.1 %).",
+        "volume: the independent brain mask estimated on the original and again on the defaced "
+        f"image from the same start, by {metrics.EICV_TRANSFORM} (without SyN's affine stage, "
+        "which flips between basins), the latter in % of the former (the eICV of the MiDeFace "
+        "authors, -0.1 %).",
     ]
     for method, row in summary["methods"].items():
         notes += [f"{method} failed on {err}" for err in row["errors"]]

@@ -82,6 +82,13 @@ BRAIN_N4_SHRINK = 4
 #: Dilation (voxels of that grid) of the template's brain that the SyN metric sees: the brain
 #: and its skull, not the face or neck, whose shape a defacer changes.
 BRAIN_METRIC_DILATE_VOX = 3
+#: antspyx transform of the eICV pair (the brain mask of the original and of its defaced image,
+#: both from the original's engine affine): SyN alone, without the affine stage that antspyx's
+#: "SyN" runs first. That stage, fitted to the brain and skull only, flips between basins: on
+#: dcmqa the original's own mask was 1527, 1544 or 1628 mL from engine affines 0.4-0.9 mm apart
+#: at the face, and its defaced image's 1496-1749 mL (the eICV -3 to +15 %); with SyN alone
+#: 1533-1550 and 1520-1535 mL (-1.1 to -0.6 %). The brain-voxel checks keep "SyN".
+EICV_TRANSFORM = "SyNOnly"
 #: Grid of the tissue segmentation (Atropos: 3 classes by k-means, MRF smoothing).
 TISSUE_MM = 2.0
 TISSUES = ("csf", "gm", "wm")
@@ -440,6 +447,7 @@ def independent_brain_mask(
     img: nib.spatialimages.SpatialImage,
     sources_dir: str | Path,
     subject_to_atlas: np.ndarray | None = None,
+    transform: str = "SyN",
 ) -> np.ndarray:
     """Boolean brain mask on ``img``'s grid that does not come from the defacer's masks.
 
@@ -451,7 +459,8 @@ def independent_brain_mask(
     template's brain and skull (``BRAIN_METRIC_DILATE_VOX``): from antspyx's own centre-of-mass
     start, with the whole head in the metric, it landed on the scalp on some heads (2 L masks)
     and jumped by up to 22 % when only N4's sampling changed. ``sources_dir`` holds ``SSW_FILE``
-    and ``ICBM_BRAIN_FILE``.
+    and ``ICBM_BRAIN_FILE``; ``transform`` is antspyx's ``type_of_transform`` (``EICV_TRANSFORM``
+    for the eICV pair).
     """
     if subject_to_atlas is None:
         subject_to_atlas = atlas_affine(img)
@@ -477,7 +486,7 @@ def independent_brain_mask(
         reg = ants.registration(
             fixed_img,
             register.to_ants(moving, moving_aff),
-            type_of_transform="SyN",
+            type_of_transform=transform,
             initial_transform=[str(start)],
             moving_mask=register.to_ants(metric_mask.astype(np.float32), moving_aff),
             mask_all_stages=True,
