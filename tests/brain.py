@@ -16,14 +16,18 @@ _shared = runcache.memoized("independent_brain_mask", metrics.independent_brain_
 
 
 def shared_brain_mask(
-    img: nib.spatialimages.SpatialImage, sources_dir, subject_to_atlas: np.ndarray | None = None
+    img: nib.spatialimages.SpatialImage,
+    sources_dir,
+    subject_to_atlas: np.ndarray | None = None,
+    transform: str = "SyN",
 ) -> np.ndarray:
     """``metrics.independent_brain_mask``, shared by the session (keyed by the image's values and
     affine, the sources' files and the start, which is the image's own ``atlas_affine`` unless
-    given: the session's registrations make that one cheap, and one key serves both calls)."""
+    given: the session's registrations make that one cheap, and one key serves both calls) and
+    the transform (``metrics.EICV_TRANSFORM`` for the eICV pair)."""
     if subject_to_atlas is None:
         subject_to_atlas = metrics.atlas_affine(img)
-    return _shared(img, sources_dir, subject_to_atlas)
+    return _shared(img, sources_dir, subject_to_atlas, transform)
 
 
 @lru_cache(maxsize=16)
