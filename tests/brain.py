@@ -19,7 +19,7 @@ def shared_brain_mask(
     img: nib.spatialimages.SpatialImage,
     sources_dir,
     subject_to_atlas: np.ndarray | None = None,
-    transform: str = "SyN",
+    transform: str = metrics.BRAIN_MASK_TRANSFORM,
 ) -> np.ndarray:
     """``metrics.independent_brain_mask``, shared by the session (keyed by the image's values and
     affine, the sources' files and the start, which is the image's own ``atlas_affine`` unless

@@ -82,12 +82,16 @@ BRAIN_N4_SHRINK = 4
 #: Dilation (voxels of that grid) of the template's brain that the SyN metric sees: the brain
 #: and its skull, not the face or neck, whose shape a defacer changes.
 BRAIN_METRIC_DILATE_VOX = 3
+#: antspyx transform (``type_of_transform``) of the independent brain mask: its affine stage, then
+#: SyN, from the engine's affine.
+BRAIN_MASK_TRANSFORM = "SyN"
 #: antspyx transform of the eICV pair (the brain mask of the original and of its defaced image,
 #: both from the original's engine affine): SyN alone, without the affine stage that antspyx's
 #: "SyN" runs first. That stage, fitted to the brain and skull only, flips between basins: on
 #: dcmqa the original's own mask was 1527, 1544 or 1628 mL from engine affines 0.4-0.9 mm apart
 #: at the face, and its defaced image's 1496-1749 mL (the eICV -3 to +15 %); with SyN alone
-#: 1533-1550 and 1520-1535 mL (-1.1 to -0.6 %). The brain-voxel checks keep "SyN".
+#: 1533-1550 and 1520-1535 mL (-1.1 to -0.6 %). The brain-voxel checks keep
+#: ``BRAIN_MASK_TRANSFORM``.
 EICV_TRANSFORM = "SyNOnly"
 #: Grid of the tissue segmentation (Atropos: 3 classes by k-means, MRF smoothing).
 TISSUE_MM = 2.0
@@ -447,7 +451,7 @@ def independent_brain_mask(
     img: nib.spatialimages.SpatialImage,
     sources_dir: str | Path,
     subject_to_atlas: np.ndarray | None = None,
-    transform: str = "SyN",
+    transform: str = BRAIN_MASK_TRANSFORM,
 ) -> np.ndarray:
     """Boolean brain mask on ``img``'s grid that does not come from the defacer's masks.
 
