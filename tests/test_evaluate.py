@@ -526,23 +526,52 @@ def test_e2e_cached_subjects_serve_their_own_seed_only(e2e, tmp_path, monkeypatc
     """A rerun with the same noise seed reuses every head's record; with another seed each head
     is evaluated again (here: refused, to see it), and mideface gets that seed."""
     out, summary = e2e
-    assert summary["seed"] == fill.DEFAULT_SEED
+    assert summary["seeds"] == [fill.DEFAULT_SEED]
     copy = tmp_path / "eval"
     shutil.copytree(out, copy)
     heads = [str(HEADS_DIR / name) for name in E2E_HEADS]
 
-    def evaluated_again(*args, seed, **kwargs):
-        raise RuntimeError(f"evaluated again with seed {seed}")
+    def evaluated_again(*args, seeds, **kwargs):
+        raise RuntimeError(f"evaluated again with seeds {seeds}")
 
     monkeypatch.setattr(eval_cli, "evaluate_head", evaluated_again)
     assert eval_cli.main([*heads, "--out", str(copy), "--methods", "mideface"]) == 0
     capsys.readouterr()
     seeded = [*heads, "--out", str(copy), "--methods", "mideface", "--seed", "7"]
     assert eval_cli.main(seeded) == 1
-    assert "evaluated again with seed 7" in capsys.readouterr().err
+    assert "evaluated again with seeds (7,)" in capsys.readouterr().err
     command = eval_cli.defacer_command("mideface", Path(heads[0]), copy / "d.nii.gz", copy, seed=7)
     assert command[-2:] == ["--seed", "7"]
     assert "--seed" not in eval_cli.defacer_command("mideface", Path(heads[0]), copy, copy)
+
+
+@pytest.mark.slow
+def test_e2e_several_seeds_deface_again_and_pool(tmp_path, monkeypatch):
+    """``--seed 53 7``: mideface defaces the head a second time with seed 7 (another noise
+    draw, the brain untouched), and its row pools both runs' probes."""
+    head = HEADS_DIR / E2E_HEADS[0]
+
+    def defacer(method, head, out, brain_mask, seed=fill.DEFAULT_SEED):
+        if seed == fill.DEFAULT_SEED:  # the session's run; seed 7 runs mideface for real
+            return _session_defacer(method, head, out, brain_mask)
+        return _DEFACER_COMMAND(method, head, out, brain_mask, seed=seed)
+
+    monkeypatch.setattr(eval_cli, "defacer_command", defacer)
+    monkeypatch.setattr(metrics, "independent_brain_mask", shared_brain_mask)
+    out = tmp_path / "eval"
+    argv = [str(head), "--out", str(out), "--methods", "mideface", "--seed", "53", "7", "53"]
+    assert eval_cli.main([*argv, "--no-tissue"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    row = summary["methods"]["mideface"]
+    assert summary["seeds"] == [53, 7] and row["runs"] == ["mideface", "mideface-seed7"]
+    assert row["defaced"]["probes"] == 6 and row["brain_voxels_changed"] == 0
+    assert row["depth"]["probes"] == 2
+    first, again = (
+        io.first_frame(nib.load(out / "defaced" / run / f"{io.split_suffix(head.name)[0]}.nii.gz"))
+        for run in row["runs"]
+    )
+    assert np.count_nonzero(first != again) > 10_000  # another noise draw
+    assert "noise seeds 53, 7, their probes pooled" in (out / "results.md").read_text()
 
 
 def test_mideface_with_the_forehead_label_is_a_method_of_its_own():
@@ -558,10 +587,61 @@ def test_mideface_with_the_forehead_label_is_a_method_of_its_own():
         "7",
     ]
     assert "--forehead" not in eval_cli.defacer_command("mideface", head, out, Path("b"))
-    assert "--forehead --seed 7" in eval_cli._method_note("mideface-forehead", {"seed": 7})
+    assert "--forehead --seed 7" in eval_cli._method_note("mideface-forehead", {"seeds": [7]})
     assert "--forehead" in eval_cli._method_note("mideface-forehead", {})
     assert "mideface-forehead" in eval_cli.METHODS
     assert "mideface-forehead" not in eval_cli.DEFAULT_METHODS
+
+
+def test_mideface_runs_once_per_seed_and_the_peers_once():
+    """With several noise seeds mideface defaces every head once per seed (its first run keeps
+    the method's name), the peers once; the note names the pooled seeds."""
+    runs = eval_cli.method_runs(("mideface", "quickshear"), (53, 1, 2))
+    assert runs == {
+        "mideface": ("mideface", 53),
+        "quickshear": ("quickshear", 53),
+        "mideface-seed1": ("mideface", 1),
+        "mideface-seed2": ("mideface", 2),
+    }
+    assert eval_cli.runs_of("mideface", runs) == ["mideface", "mideface-seed1", "mideface-seed2"]
+    assert eval_cli.runs_of("quickshear", runs) == ["quickshear"]
+    files = eval_cli.head_outputs(Path("h.nii.gz"), Path("o"), runs)
+    assert files["mideface-seed1"] == Path("o/defaced/mideface-seed1/h.nii.gz")
+    note = eval_cli._method_note("mideface", {"seeds": [53, 1, 2]})
+    assert note.endswith("noise seeds 53, 1, 2, their probes pooled)")
+    assert (
+        eval_cli._method_note("quickshear", {"seeds": [53, 1]})
+        == eval_cli.METHOD_NOTES["quickshear"]
+    )
+
+
+def test_pooled_runs_are_probes_of_one_attack():
+    """The probes of a method's runs are pooled: every run's renders are ranked against the one
+    gallery, each counted for its own person; depth maps likewise."""
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(3, 128))
+    depth = rng.normal(size=(3, 8, 8))
+    region = np.zeros((8, 8), dtype=bool)
+    region[2:6, 2:6] = True
+    arrays = []
+    for i in range(3):
+        arr = {
+            f"intact/{eval_cli.GALLERY_KEY}/descriptor": gallery[i],
+            "intact/depth": depth[i],
+            eval_cli.FACE_REGION_KEY: region,
+        }
+        for run, desc in (("m", gallery[i]), ("m-seed1", gallery[(i + 1) % 3])):
+            arr[f"{run}/defaced/0/descriptor"] = desc
+            arr[f"{run}/defaced/0/detected"] = np.array(True)
+            arr[f"{run}/defaced/depth"] = depth[i] if run == "m" else depth[(i + 1) % 3]
+        arrays.append(arr)
+    first = eval_cli.identification(arrays, "m/defaced", [0.0])
+    pooled = eval_cli.identification(arrays, ["m/defaced", "m-seed1/defaced"], [0.0])
+    assert (first["probes"], first["rank1"]) == (3, 3)
+    assert (pooled["probes"], pooled["rank1"]) == (6, 3)
+    assert pooled["probes_per_person"] == [2, 2, 2] and pooled["rank1_per_person"] == [1, 1, 1]
+    depth_pooled = eval_cli.depth_measures(arrays, ["m/defaced", "m-seed1/defaced"])
+    assert (depth_pooled["probes"], depth_pooled["rank1"]) == (6, 3)
 
 
 def test_sources_hold_the_independent_mask_templates():

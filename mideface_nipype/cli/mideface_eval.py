@@ -1,13 +1,15 @@
 """mideface-eval: mideface-nipype and its peers on a set of real heads, one results table.
 
-    mideface-eval HEAD... --out DIR [--methods METHOD...] [--sources DIR] [--no-tissue]
+    mideface-eval HEAD... --out DIR [--methods METHOD...] [--seed N...] [--sources DIR]
+                  [--no-tissue]
 
 For every head: the intact renders (gallery and control probes), then for every method the
 defaced head made by the method as a whole process (wall time, peak memory), its renders, the
 renders after the refacing attacks, voxels changed inside the independent brain mask, and tissue
 volumes before vs after (Atropos in the original's brain mask) and the brain-mask volume
 estimated anew on the defaced image. Per-head results are kept in DIR/subjects/ (a rerun
-reuses them), the defaced heads in DIR/defaced/METHOD/; the table is written to
+reuses them), the defaced heads in DIR/defaced/METHOD/ (DIR/defaced/METHOD-seedN/ for mideface's
+further noise seeds, whose probes its rows pool); the table is written to
 DIR/results.md and the figures to DIR/results.json. Needs the eval extra
 (pip install 'mideface-nipype[eval]').
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterable, Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -49,7 +52,7 @@ GALLERY_KEY = f"{metrics.GALLERY_YAW_DEG:g}"
 #: Key of a head's own face labels in its frontal renders (``metrics.subject_face_region``).
 FACE_REGION_KEY = "intact/face_region"
 #: Version of the per-head records: a cached record of another version is made again.
-RECORD_FORMAT = 6
+RECORD_FORMAT = 7
 #: The default atlas sources beside a checkout (``../shared/data/atlas-sources``).
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "data" / "atlas-sources"
 
@@ -67,15 +70,36 @@ def defacer_command(
     return [*cmd, "--brain-mask", str(brain_mask)] if method == "quickshear" else cmd
 
 
-def head_outputs(head: Path, out_dir: Path, methods: tuple[str, ...]) -> dict[str, Path]:
-    """The files mideface-eval writes for one head: brain mask, cache, one defaced per method."""
+def method_runs(
+    methods: tuple[str, ...], seeds: tuple[int, ...] = (DEFAULT_SEED,)
+) -> dict[str, tuple[str, int]]:
+    """Each defacing to run on a head, by its name: (method, mideface's noise seed).
+
+    A method's first run carries the method's name; mideface runs again for every further seed
+    (``METHOD-seedN``), since its fill is random by design and a count from one noise draw moves
+    by about two probes in 21. The peers have no noise: one run each."""
+    runs = {method: (method, seeds[0]) for method in methods}
+    for method in methods:
+        if method in MIDEFACE_METHODS:
+            runs |= {f"{method}-seed{seed}": (method, seed) for seed in seeds[1:]}
+    return runs
+
+
+def runs_of(method: str, runs: dict[str, tuple[str, int]]) -> list[str]:
+    """The names of ``method``'s runs, its first run first: their probes are pooled."""
+    return [run for run, (of, _) in runs.items() if of == method]
+
+
+def head_outputs(head: Path, out_dir: Path, runs: Iterable[str]) -> dict[str, Path]:
+    """The files mideface-eval writes for one head: brain mask, cache, one defaced per run
+    (``method_runs``)."""
     stem = _stem(head)
     files = {
         "brain": out_dir / "brain" / f"{stem}.nii.gz",
         "json": out_dir / "subjects" / f"{stem}.json",
         "npz": out_dir / "subjects" / f"{stem}.npz",
     }
-    return files | {method: out_dir / "defaced" / method / f"{stem}.nii.gz" for method in methods}
+    return files | {run: out_dir / "defaced" / run / f"{stem}.nii.gz" for run in runs}
 
 
 def _stem(head: Path) -> str:
@@ -127,18 +151,20 @@ def evaluate_head(
     sources: Path,
     tissue: bool,
     publisher: io.Publisher,
-    seed: int = DEFAULT_SEED,
+    seeds: tuple[int, ...] = (DEFAULT_SEED,),
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """All measurements of one head: a JSON-able record and the arrays (descriptors, depth).
 
     Files go through ``publisher`` (never onto an input); the defacers' outputs are checked by
-    it before each defacer runs. ``seed`` is mideface's noise seed (kept in the record)."""
+    it before each defacer runs. ``seeds`` are mideface's noise seeds (kept in the record): one
+    run per seed (``method_runs``), the tissue and the eICV of the first run only."""
     img = io.load_volume(head)
     data = io.first_frame(img)
     subject_to_atlas = metrics.atlas_affine(img)
     to_atlas = metrics.align_to_atlas(img, subject_to_atlas)
     brain = metrics.independent_brain_mask(img, sources, subject_to_atlas)
-    files = head_outputs(head, out_dir, methods)
+    runs = method_runs(methods, seeds)
+    files = head_outputs(head, out_dir, runs)
     brain_file = publisher.save_volume(io.mask_image(brain, img), files["brain"])
     views = metrics.render_views(data, img.affine, to_atlas)
     regions = {
@@ -155,7 +181,7 @@ def evaluate_head(
         "head": head.name,
         "format": RECORD_FORMAT,
         "brain_ml": _ml(brain, img),
-        "seed": seed,
+        "seeds": list(seeds),
         "methods": {},
     }
     before = metrics.tissue_volumes_ml(img, brain) if tissue else None
@@ -165,10 +191,10 @@ def evaluate_head(
             img, sources, subject_to_atlas, transform=metrics.EICV_TRANSFORM
         )
         record["eicv_ml"] = _ml(eicv, img)
-    for method in methods:
-        out = publisher.check(files[method])
+    for run, (method, seed) in runs.items():
+        out = publisher.check(files[run])
         entry: dict = {}
-        record["methods"][method] = entry
+        record["methods"][run] = entry
         try:
             wall, peak_gb = metrics.run_measured(
                 defacer_command(method, head, out, brain_file, seed=seed)
@@ -181,7 +207,7 @@ def evaluate_head(
         ddata = io.first_frame(dimg)
         entry["brain_voxels_changed"] = metrics.voxels_changed(data, ddata, brain)
         entry["voxels_changed"] = metrics.voxels_changed(data, ddata, np.ones_like(brain))
-        if tissue:
+        if tissue and run == method:
             entry["tissue_ml"] = metrics.tissue_volumes_ml(dimg, brain)
             entry["tissue_change_pct"] = metrics.percent_change(before, entry["tissue_ml"])
             # the eICV analog: the brain mask again on the defaced image, from the original's start
@@ -194,7 +220,7 @@ def evaluate_head(
             )["brain"]
         arrays.update(
             _pack_skin(
-                f"{method}/defaced",
+                f"{run}/defaced",
                 metrics.skin_points(ddata, dimg.affine, to_atlas, subject_to_atlas),
             )
         )
@@ -203,13 +229,13 @@ def evaluate_head(
             vviews = metrics.render_views(volumes[variant], dimg.affine, to_atlas)
             arrays.update(
                 _pack(
-                    f"{method}/{variant}",
+                    f"{run}/{variant}",
                     _faces(vviews, regions),
                     vviews[metrics.GALLERY_YAW_DEG].depth,
                 )
             )
             if variant == "defaced":
-                arrays.update(_pack_parts(method, vviews, regions))
+                arrays.update(_pack_parts(run, vviews, regions))
     return record, arrays
 
 
@@ -217,22 +243,34 @@ def _ml(mask: np.ndarray, img: nib.spatialimages.SpatialImage) -> float:
     return float(np.count_nonzero(mask) * abs(np.linalg.det(img.affine[:3, :3])) / 1000.0)
 
 
-def _probes(arrays: list[dict], prefix: str, yaws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Descriptors, true gallery index and detection flags of one kind of probe, all subjects."""
+def _prefixes(prefix: str | Sequence[str]) -> list[str]:
+    """One kind of probe: one prefix, or several pooled (the runs of one method)."""
+    return [prefix] if isinstance(prefix, str) else list(prefix)
+
+
+def _probes(
+    arrays: list[dict], prefix: str | Sequence[str], yaws
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors, true gallery index and detection flags of one kind of probe, all subjects
+    (of every prefix, pooled)."""
     desc, truth, detected = [], [], []
-    for i, arr in enumerate(arrays):
-        for yaw in yaws:
-            key = f"{prefix}/{yaw:g}"
-            if f"{key}/descriptor" in arr:
-                desc.append(arr[f"{key}/descriptor"])
-                truth.append(i)
-                detected.append(bool(arr[f"{key}/detected"]))
+    for run in _prefixes(prefix):
+        for i, arr in enumerate(arrays):
+            for yaw in yaws:
+                key = f"{run}/{yaw:g}"
+                if f"{key}/descriptor" in arr:
+                    desc.append(arr[f"{key}/descriptor"])
+                    truth.append(i)
+                    detected.append(bool(arr[f"{key}/detected"]))
     return np.array(desc).reshape(-1, 128), np.array(truth, dtype=int), np.array(detected)
 
 
-def identification(arrays: list[dict], prefix: str, yaws, gallery_prefix: str = "intact") -> dict:
-    """Rank-1 identification and detection of ``prefix`` probes against the gallery (the
-    ``gallery_prefix`` frontal renders: the intact heads, or one part of them)."""
+def identification(
+    arrays: list[dict], prefix: str | Sequence[str], yaws, gallery_prefix: str = "intact"
+) -> dict:
+    """Rank-1 identification and detection of ``prefix`` probes (several prefixes: their probes
+    pooled) against the gallery (the ``gallery_prefix`` frontal renders: the intact heads, or
+    one part of them)."""
     if not arrays:
         return {"probes": 0}
     gallery = np.stack([a[f"{gallery_prefix}/{GALLERY_KEY}/descriptor"] for a in arrays])
@@ -271,15 +309,22 @@ def _by_correlation(corr: np.ndarray, have: list[int]) -> dict:
     }
 
 
-def depth_measures(arrays: list[dict], prefix: str) -> dict:
+def _have(arrays: list[dict], prefix: str | Sequence[str], key: str) -> list[tuple[int, str]]:
+    """(head, prefix) of every probe that has ``PREFIX/key``, every prefix pooled."""
+    return [
+        (i, run) for run in _prefixes(prefix) for i, a in enumerate(arrays) if f"{run}/{key}" in a
+    ]
+
+
+def depth_measures(arrays: list[dict], prefix: str | Sequence[str]) -> dict:
     """Depth correlation with the own original and depth-map rank-1 identification, over each
     probe head's own face labels (what the defacer replaced); and rank-1 over the rest of the
-    frontal view (the identity a defacer leaves outside the face labels)."""
+    frontal view (the identity a defacer leaves outside the face labels). Several prefixes:
+    their probes pooled."""
     intact = [a["intact/depth"] for a in arrays]
-    have = [i for i, a in enumerate(arrays) if f"{prefix}/depth" in a]
+    have = _have(arrays, prefix, "depth")
     if not have:
         return {}
-    regions = [arrays[i][FACE_REGION_KEY] for i in have]
 
     def correlations(in_labels: bool) -> np.ndarray:
         """(probes, gallery) r over each probe head's own face labels, or the rest of its view."""
@@ -287,29 +332,33 @@ def depth_measures(arrays: list[dict], prefix: str) -> dict:
             [
                 [
                     metrics.depth_correlation(
-                        arrays[i][f"{prefix}/depth"], g, region if in_labels else ~region
+                        arrays[i][f"{run}/depth"],
+                        g,
+                        arrays[i][FACE_REGION_KEY] if in_labels else ~arrays[i][FACE_REGION_KEY],
                     )
                     for g in intact
                 ]
-                for i, region in zip(have, regions, strict=True)
+                for i, run in have
             ]
         )
 
-    out = _by_correlation(correlations(True), have)
-    out["rank1_outside"] = _by_correlation(correlations(False), have)["rank1"]
+    truth = [i for i, _ in have]
+    out = _by_correlation(correlations(True), truth)
+    out["rank1_outside"] = _by_correlation(correlations(False), truth)["rank1"]
     return out
 
 
-def icp_depth_measures(arrays: list[dict], prefix: str) -> dict:
+def icp_depth_measures(arrays: list[dict], prefix: str | Sequence[str]) -> dict:
     """The 3-D attacker: each ``prefix`` head aligned to every intact head by rigid ICP of the
     skin outside the face labels, then face depth maps compared (Pearson r); rank-1, r with the
-    own original, and r between different intact people aligned the same way."""
-    have = [i for i, a in enumerate(arrays) if f"{prefix}/skin_rest" in a]
+    own original, and r between different intact people aligned the same way. Several
+    prefixes: their probes pooled."""
+    have = _have(arrays, prefix, "skin_rest")
     if not have or any("intact/skin_rest" not in a for a in arrays):
         return {}
     gallery = [(a["intact/skin_rest"], a["intact/skin_face"]) for a in arrays]
-    probes = [(arrays[i][f"{prefix}/skin_rest"], arrays[i][f"{prefix}/skin_face"]) for i in have]
-    out = _by_correlation(metrics.icp_depth_correlations(probes, gallery), have)
+    probes = [(arrays[i][f"{run}/skin_rest"], arrays[i][f"{run}/skin_face"]) for i, run in have]
+    out = _by_correlation(metrics.icp_depth_correlations(probes, gallery), [i for i, _ in have])
     if prefix == "intact":
         return out
     between = metrics.icp_depth_correlations(gallery, gallery)
@@ -329,22 +378,32 @@ def between_people_r(arrays: list[dict]) -> list[float]:
     ]
 
 
-def _parts(arrays: list[dict], prefix: str, yaws) -> dict:
+def _parts(arrays: list[dict], prefix: str | Sequence[str], yaws) -> dict:
     """Identification by each part of the renders alone, against the same part of the intact
     frontal renders (the attacker who paints the rest black in both); a head the method failed
     on has no probes, as in ``identification``."""
     return {
-        part: identification(arrays, f"{prefix}/only-{part}", yaws, f"intact/only-{part}")
+        part: identification(
+            arrays, [f"{run}/only-{part}" for run in _prefixes(prefix)], yaws, f"intact/only-{part}"
+        )
         for part in metrics.RENDER_PARTS
     }
 
 
-def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...]) -> dict:
+def summarise(
+    records: list[dict],
+    arrays: list[dict],
+    methods: tuple[str, ...],
+    seeds: tuple[int, ...] = (DEFAULT_SEED,),
+) -> dict:
     """The figures of the table, per method, from all heads' records and arrays.
 
     Privacy is measured on the heads whose intact frontal render holds a detected face (a face
     cut by the field of view cannot be recognised before defacing either); brain and cost on all.
+    A method run with several noise seeds (``method_runs``) pools the probes of all its runs;
+    its brain voxels changed are summed over them.
     """
+    runs = method_runs(methods, seeds)
     with_face = [i for i, a in enumerate(arrays) if bool(a[f"intact/{GALLERY_KEY}/detected"])]
     faces = [arrays[i] for i in with_face]
     summary = {
@@ -354,23 +413,27 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
         "control": identification(faces, "intact", metrics.CONTROL_YAWS_DEG),
         "control_parts": _parts(faces, "intact", metrics.CONTROL_YAWS_DEG),
         "between_people_r": between_people_r(faces),
+        "seeds": list(seeds),
         "methods": {},
     }
     for method in methods:
-        entries = [r["methods"].get(method, {}) for r in records]
+        pooled = runs_of(method, runs)
+        # (record, entry) of every run of the method on every head
+        pairs = [(r, r["methods"].get(run, {})) for run in pooled for r in records]
+        entries = [e for _, e in pairs]
         ok = [e for e in entries if "error" not in e and e]
         row: dict = {
-            "errors": [
-                f"{r['head']}: {e['error']}"
-                for r, e in zip(records, entries, strict=True)
-                if "error" in e
-            ]
+            "runs": pooled,
+            "errors": [f"{r['head']}: {e['error']}" for r, e in pairs if "error" in e],
         }
+        defaced = [f"{run}/defaced" for run in pooled]
         for variant in VARIANTS:
-            row[variant] = identification(faces, f"{method}/{variant}", metrics.PROBE_YAWS_DEG)
-        row["parts"] = _parts(faces, method, metrics.PROBE_YAWS_DEG)
-        row["depth"] = depth_measures(faces, f"{method}/defaced")
-        row["icp_depth"] = icp_depth_measures(faces, f"{method}/defaced")
+            row[variant] = identification(
+                faces, [f"{run}/{variant}" for run in pooled], metrics.PROBE_YAWS_DEG
+            )
+        row["parts"] = _parts(faces, pooled, metrics.PROBE_YAWS_DEG)
+        row["depth"] = depth_measures(faces, defaced)
+        row["icp_depth"] = icp_depth_measures(faces, defaced)
         if ok:
             row["brain_voxels_changed"] = int(sum(e["brain_voxels_changed"] for e in ok))
             row["seconds_median"] = statistics.median(e["seconds"] for e in ok)
@@ -383,7 +446,7 @@ def summarise(records: list[dict], arrays: list[dict], methods: tuple[str, ...])
                 # the same changes in % of the brain: a small class does not inflate them
                 row["tissue_change_pct_of_brain_max_abs"] = max(
                     100.0 * abs(e["tissue_ml"][k] - r["tissue_ml"][k]) / r["brain_ml"]
-                    for r, e in zip(records, entries, strict=True)
+                    for r, e in pairs
                     if "tissue_ml" in e
                     for k in metrics.TISSUES
                 )
@@ -427,12 +490,17 @@ def _by_part(parts: dict) -> str:
 
 
 def _method_note(method: str, summary: dict) -> str:
-    """The method's cell: its note, with the noise seed when mideface ran with another one."""
-    seed = summary.get("seed", DEFAULT_SEED)
-    if method in MIDEFACE_METHODS and seed != DEFAULT_SEED:
-        options = " ".join(("--i IN --o OUT", *MIDEFACE_METHODS[method], f"--seed {seed}"))
+    """The method's cell: its note, with the noise seed when mideface ran with another one, or
+    the seeds whose probes it pools."""
+    seeds = summary.get("seeds", [DEFAULT_SEED])
+    if method not in MIDEFACE_METHODS or seeds == [DEFAULT_SEED]:
+        return METHOD_NOTES[method]
+    if len(seeds) == 1:
+        options = " ".join(("--i IN --o OUT", *MIDEFACE_METHODS[method], f"--seed {seeds[0]}"))
         return f"mideface-nipype (`mideface {options}`)"
-    return METHOD_NOTES[method]
+    return METHOD_NOTES[method].removesuffix(")") + (
+        f"; noise seeds {', '.join(map(str, seeds))}, their probes pooled)"
+    )
 
 
 def markdown_table(summary: dict) -> str:
@@ -505,7 +573,15 @@ def markdown_table(summary: dict) -> str:
         + (f" (not {', '.join(no_face)}: no face detected intact)" if no_face else "")
         + f". Probes: renders at 0° and ±30° yaw, ranked against intact frontal renders of all {n} "
         f"subjects (dlib 128-d descriptors); chance rank-1 is 1/{n} = "
-        f"{100 * summary['chance_rank1']:.0f} %. An attacker who holds all the probes of a "
+        f"{100 * summary['chance_rank1']:.0f} %"
+        + (
+            f"; mideface's rows pool the probes of its {len(summary['seeds'])} noise seeds "
+            f"(one defacing of every head per seed, {3 * len(summary['seeds'])} probes per "
+            "person; the tissue and brain-mask volumes are the first seed's)"
+            if len(summary.get("seeds", [])) > 1
+            else ""
+        )
+        + ". An attacker who holds all the probes of a "
         "kind discounts hub faces: each gallery face's mean distance to those probes is "
         "subtracted before ranking (an average-looking face is otherwise nearest to most "
         "defaced faces, its owner's included); most own probes ranked first: after defacing / "
@@ -576,11 +652,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--seed",
+        dest="seeds",
         type=int,
-        default=DEFAULT_SEED,
-        help="noise seed of mideface's fill (mideface --seed; default %(default)s): runs with "
-        "other seeds show how much of a count is the noise draw; a head's cached record is "
-        "reused only for the same seed",
+        nargs="+",
+        default=[DEFAULT_SEED],
+        metavar="N",
+        help=f"noise seed(s) of mideface's fill (mideface --seed; default {DEFAULT_SEED}): "
+        "mideface defaces every head once per seed and its rows pool the probes of all of "
+        "them (a count from one noise draw moves by about two probes in 21); the tissue and "
+        "brain-mask volumes come from the first seed. A head's cached record is reused only "
+        "for the same seeds",
     )
     parser.add_argument(
         "--no-tissue",
@@ -592,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     heads = [p for h in args.heads for p in (sorted(h.glob("*.nii*")) if h.is_dir() else [h])]
     methods = tuple(args.methods)
+    args.seeds = tuple(dict.fromkeys(args.seeds))  # a seed given twice is one draw
     sources = [args.sources / name for name in (metrics.SSW_FILE, metrics.ICBM_BRAIN_FILE)]
     # the per-subject files are a cache that a rerun reuses or replaces (force), so they stay
     # when a later head fails; results.json and .md appear only from a complete run
@@ -603,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise io.InputError(f"{source}: file not found (see --sources)")
         for head in heads:
             io.load_volume(head)  # fail early, naming the file
-        planned = [f for head in heads for f in head_outputs(head, args.out, methods).values()]
+        runs = method_runs(methods, args.seeds)
+        planned = [f for head in heads for f in head_outputs(head, args.out, runs).values()]
         results.check_all([*planned, args.out / "results.json", args.out / "results.md"])
         with io.locked(args.out, "output folder"):
             table = _evaluate(args, heads, methods, cache, results)
@@ -618,28 +701,28 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args, heads: list[Path], methods: tuple[str, ...], cache, results) -> str:
     """Evaluate every head (reusing cached subjects), publish the results; return the table."""
     records, arrays = [], []
+    runs = method_runs(methods, args.seeds)
     for head in heads:
-        files = head_outputs(head, args.out, methods)
+        files = head_outputs(head, args.out, runs)
         cache_json, cache_npz = files["json"], files["npz"]
         cached = json.loads(cache_json.read_text()) if cache_json.is_file() else None
         reusable = (
             cached
             and cached.get("format") == RECORD_FORMAT
-            and cached.get("seed", DEFAULT_SEED) == args.seed
+            and cached.get("seeds") == list(args.seeds)
         )
-        if reusable and set(methods) <= set(cached["methods"]) and cache_npz.is_file():
+        if reusable and set(runs) <= set(cached["methods"]) and cache_npz.is_file():
             record, arr = cached, dict(np.load(cache_npz))
         else:
             record, arr = evaluate_head(
-                head, args.out, methods, args.sources, args.tissue, cache, seed=args.seed
+                head, args.out, methods, args.sources, args.tissue, cache, seeds=args.seeds
             )
             cache.write_bytes(_npz_bytes(arr), cache_npz)
             cache.write_text(json.dumps(record, indent=1), cache_json)
         records.append(record)
         arrays.append(arr)
         print(f"{head.name}: done", flush=True)
-    summary = summarise(records, arrays, methods)
-    summary["seed"] = args.seed
+    summary = summarise(records, arrays, methods, args.seeds)
     table = markdown_table(summary)
     with results.staged(args.out):
         results.write_text(json.dumps(summary, indent=1), args.out / "results.json")
