@@ -366,6 +366,22 @@ def test_bad_companion_files_are_refused_before_the_run(tmp_path, capsys, head, 
     assert not od.exists()
 
 
+def test_the_input_again_as_another_contrast_is_refused(tmp_path, capsys, head, no_engine):
+    """``--apply-to`` the ``--i`` image (by its path, a link, or another spelling of the path)
+    or one contrast twice: refused naming it, before any work (it was defaced twice, the second
+    time through a registration to itself)."""
+    od = tmp_path / "od"
+    spelled = head.parent / ".." / head.parent.name / head.name
+    for again in (head, spelled, *_links(head, tmp_path / "links", "T2w.nii.gz").values()):
+        argv = ["--i", head, "--odir", od, "--apply-to", again]
+        refused(argv, capsys, [head], str(again), "same file as")
+    other = tmp_path / "T2w.nii.gz"
+    shutil.copyfile(head, other)
+    argv = ["--i", head, "--odir", od, "--apply-to", other, other]
+    refused(argv, capsys, [head, other], str(other), "same file as")
+    assert not od.exists()
+
+
 # ----------------------------------------------------------------------------- failing runs
 
 

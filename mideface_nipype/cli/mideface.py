@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -189,8 +190,16 @@ def _validate_inputs(args) -> list[Path]:
 
     volumes = [Path(args.i), *map(Path, args.apply_to)]
     img = io.load_volume(volumes[0], max_gb=args.max_gb)
-    for path in volumes[1:]:
+    for k, path in enumerate(volumes[1:], start=1):
         io.load_volume(path, max_gb=args.max_gb)
+        # one image twice (a link or another spelling of its path) would be defaced twice,
+        # the second time through a registration to itself
+        if twin := next((v for v in volumes[:k] if os.path.samefile(v, path)), None):
+            raise io.InputError(
+                f"is the same file as {twin}: an image is given once (--i defaces it, "
+                "--apply-to takes the other contrasts)",
+                path=path,
+            )
     reads = volumes + [report.sidecar_path(v) for v in volumes]
     if args.xmask:
         xmask = io.load_volume(args.xmask, max_gb=args.max_gb)
