@@ -576,8 +576,9 @@ def markdown_table(summary: dict) -> str:
         f"{100 * summary['chance_rank1']:.0f} %"
         + (
             f"; mideface's rows pool the probes of its {len(summary['seeds'])} noise seeds "
-            f"(one defacing of every head per seed, {3 * len(summary['seeds'])} probes per "
-            "person; the tissue and brain-mask volumes are the first seed's)"
+            "(one defacing of every head per seed, "
+            f"{len(metrics.PROBE_YAWS_DEG) * len(summary['seeds'])} probes per person; "
+            "the tissue and brain-mask volumes are the first seed's)"
             if len(summary.get("seeds", [])) > 1
             else ""
         )
