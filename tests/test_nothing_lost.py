@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import HEADS_DIR
 
+from mideface_nipype.cli import common
 from mideface_nipype.cli import mideface as cli
 from mideface_nipype.cli import mideface_eval as eval_cli
 from mideface_nipype.engine import fill, register
@@ -380,6 +381,36 @@ def test_the_input_again_as_another_contrast_is_refused(tmp_path, capsys, head, 
     argv = ["--i", head, "--odir", od, "--apply-to", other, other]
     refused(argv, capsys, [head, other], str(other), "same file as")
     assert not od.exists()
+
+
+def test_a_log_that_could_damage_data_is_refused(tmp_path, capsys, head, no_engine):
+    """``--log`` onto the input (a link of it too), onto another output, onto a volume name or
+    onto an existing file that is not text (a DICOM has no suffix): refused naming it, before
+    any work, every file's bytes unchanged (the log was appended to a scan it was not given,
+    and ``--apply`` wrote it over its own input)."""
+    od, out = tmp_path / "od", tmp_path / "out.nii.gz"
+    scan = tmp_path / "IM0001"
+    scan.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)))
+    other = tmp_path / "T2w.nii.gz"
+    shutil.copyfile(head, other)
+    links = _links(head, tmp_path / "links", "log.txt")
+    files = [head, other, scan]
+    cases = {
+        links["symlink"]: "overwrite the input",
+        links["hard link"]: "overwrite the input",
+        od / "stats.json": "two outputs",
+        other: "not a volume",
+        scan: "not a text file",
+    }
+    for log, why in cases.items():
+        refused(["--i", head, "--odir", od, "--log", log], capsys, files, str(log), why)
+        apply = ["--apply", head, other, "regheader", out, "--log", log]
+        if log.parent != od:
+            refused(apply, capsys, files, str(log), why)
+    assert not od.exists() and not out.exists()
+    text = tmp_path / "earlier.log"
+    text.write_text("06:14:09 mideface: an earlier run\n")
+    assert common.check_log_file(text, io.Publisher([head]), [out]) == text
 
 
 # ----------------------------------------------------------------------------- failing runs

@@ -61,6 +61,41 @@ class LogFile(logging.FileHandler):
             io.remove_empty(self.created)
 
 
+#: Bytes read from an existing log file to tell text (a log to append to) from data.
+TEXT_PROBE_BYTES = 8192
+
+
+def check_log_file(log_file: Path, reads, outputs) -> Path:
+    """``log_file`` unless appending to it could damage data: a volume name, a file the run
+    reads or writes (by path or inode), or an existing file that is not text (a DICOM has no
+    suffix); ``OutputError`` naming it. ``reads`` is the run's ``io.Publisher``."""
+    from mideface_nipype.utils import io
+
+    if io.split_suffix(log_file)[1]:
+        raise io.OutputError(
+            "--log writes text, not a volume; refusing this volume name", path=log_file
+        )
+    reads.refuse_reads(log_file)
+    if any(io.same_file(log_file, Path(out)) for out in outputs):
+        raise io.OutputError("two outputs of this run have this name", path=log_file)
+    if log_file.is_file() and not _is_text(log_file):
+        raise io.OutputError("is not a text file; refusing to append the log to it", path=log_file)
+    return log_file
+
+
+def _is_text(path: Path) -> bool:
+    """No NUL byte and valid UTF-8 (but for a sequence cut at the end) in the file's start."""
+    with open(path, "rb") as handle:
+        head = handle.read(TEXT_PROBE_BYTES)
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start >= len(head) - 3 and err.reason == "unexpected end of data"
+    return True
+
+
 def check_log() -> None:
     """``OutputError`` naming the log file if a line could not be written to it (disk full),
     the log discarded first: while the run still holds its output lock, whose folders are then

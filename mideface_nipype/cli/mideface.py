@@ -20,6 +20,7 @@ from mideface_nipype.cli.common import (
     add_engine_options,
     add_max_gb_option,
     check_log,
+    check_log_file,
     close_logging,
     configure_nipype,
     engine_options,
@@ -146,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print 1 if VOL carries the mideface code, else 0 (optionally "
         "also written to a text file, not a volume, given as second argument)",
     )
-    misc.add_argument("--log", metavar="FILE", help="log file (default <odir>/log/mideface.log)")
+    misc.add_argument(
+        "--log",
+        metavar="FILE",
+        help="text log, appended to (default <odir>/log/mideface.log); never a volume name, "
+        "a file the run reads or writes, or an existing file that is not text",
+    )
     misc.add_argument("-v", "--verbose", action="store_true", help="log Nipype's messages too")
     misc.add_argument("--version", action="version", version=f"mideface-nipype {__version__}")
     return p
@@ -276,7 +282,10 @@ def run_apply(args) -> int:
         reads=tuple(str(p) for p in reads),
         force=args.force,
     )
-    io.Publisher(reads, force=args.force).check_all(outputs.paths)
+    publisher = io.Publisher(reads, force=args.force)
+    publisher.check_all(outputs.paths)
+    if args.log:
+        check_log_file(Path(args.log), publisher, outputs.paths)
     io.load_volume(vol, max_gb=args.max_gb)
     io.load_volume(facemask, max_gb=args.max_gb)
     if reg == "regheader":
@@ -372,7 +381,7 @@ def run(args) -> int:
     publisher.check_all(outputs.paths)
     log_file = Path(args.log) if args.log else (odir / "log" / "mideface.log" if odir else None)
     if log_file is not None:
-        publisher.refuse_reads(log_file)
+        check_log_file(log_file, publisher, outputs.paths)
     work = Path(args.work_dir) if args.work_dir else None
     with (
         io.maybe_locked(work, "work folder"),

@@ -550,6 +550,12 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: one resolved path, or (both existing) one inode."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (_file_id(a) or (-1, -1)) == (_file_id(b) or (-2, -2))
+
+
 class Publisher:
     """Publishes a run's files safely: never onto a file the run reads; all or nothing.
 
