@@ -37,8 +37,9 @@ REF_PATH = HEADS_DIR / "IXI015-HH-1258-T1_ds.nii.gz"
 #: A 1 mm head for the thick-slice sagittal case (its face is cut by the box; the brain is whole).
 ONE_MM_PATH = HEADS_DIR / "colin27_ch2_T1w.nii.gz"
 #: Smallest Dice of a variant's face mask (mapped back) with the original's, also when the world
-#: was turned or shifted (the registration ends 0.1-0.2 mm apart at the face).
-MIN_FACE_DICE = 0.95
+#: was turned or shifted (the registration ends 0.1-0.2 mm apart at the face; measured
+#: >= 0.988 over every variant here, and the README promises 0.98).
+MIN_FACE_DICE = 0.98
 #: Smallest Dice when the front of the face was cropped away (the bracket loses its front).
 MIN_CROPPED_FACE_DICE = 0.9
 #: Largest turn (degrees) and shift (mm per axis) of the world in the property test.
