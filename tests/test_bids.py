@@ -357,6 +357,24 @@ def test_defaced_images_are_planned_out_and_names_checked(tmp_path, caplog):
         bids.discover(root)
 
 
+def test_a_work_folder_inside_the_dataset_or_the_output_is_refused(tmp_path, capsys):
+    """Nipype's folders would land in the raw dataset (or the derivative): one line naming the
+    work folder, nothing written (as fMRIPrep refuses a work folder in its input)."""
+    root = _small_dataset(tmp_path / "ds")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    out = tmp_path / "out"
+    for work in (root, root / "work", root / "derivatives" / "work", out / "work"):
+        code = bids_cli.main([str(root), str(out), "participant", "-w", str(work)])
+        err = capsys.readouterr().err.strip().splitlines()
+        inside = f"the output folder {out}" if out in work.parents else f"the dataset {root}"
+        assert code == 1 and err == [
+            f"mideface-bids: error: {work}: the work folder is inside {inside}; "
+            "give --work-dir outside it"
+        ]
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+        assert not out.exists()
+
+
 def test_cli_bad_input_one_line_no_output(tmp_path, capsys):
     root = _small_dataset(tmp_path / "ds")
     broken = root / "sub-01/anat/sub-01_FLAIR.nii.gz"

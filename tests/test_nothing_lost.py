@@ -413,6 +413,16 @@ def test_a_log_that_could_damage_data_is_refused(tmp_path, capsys, head, no_engi
     assert common.check_log_file(text, io.Publisher([head]), [out]) == text
 
 
+def test_a_work_folder_inside_the_odir_is_refused(tmp_path, capsys, head, no_engine):
+    """Nipype's folders would be published with the outputs (and the same folder was reported
+    as "another mideface run is using this output folder")."""
+    od = tmp_path / "od"
+    for work in (od, od / "work"):
+        argv = ["--i", head, "--odir", od, "--work-dir", work]
+        refused(argv, capsys, [head], f"{work}: the work folder is inside the output folder")
+    assert not od.exists()
+
+
 # ----------------------------------------------------------------------------- failing runs
 
 

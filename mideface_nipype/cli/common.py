@@ -61,6 +61,19 @@ class LogFile(logging.FileHandler):
             io.remove_empty(self.created)
 
 
+def check_work_folder(work_dir: Path, folders: dict[Path, str]) -> None:
+    """``InputError`` naming ``work_dir`` if it is, or is inside, one of ``folders`` (a
+    dataset, an output folder; the value says which): Nipype's folders would land in it."""
+    from mideface_nipype.utils import io
+
+    work = work_dir.resolve()
+    for folder, what in folders.items():
+        if work == folder.resolve() or folder.resolve() in work.parents:
+            raise io.InputError(
+                f"{work_dir}: the work folder is inside {what} {folder}; give --work-dir outside it"
+            )
+
+
 #: Bytes read from an existing log file to tell text (a log to append to) from data.
 TEXT_PROBE_BYTES = 8192
 

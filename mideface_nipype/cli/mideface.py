@@ -21,6 +21,7 @@ from mideface_nipype.cli.common import (
     add_max_gb_option,
     check_log,
     check_log_file,
+    check_work_folder,
     close_logging,
     configure_nipype,
     engine_options,
@@ -383,6 +384,8 @@ def run(args) -> int:
     if log_file is not None:
         check_log_file(log_file, publisher, outputs.paths)
     work = Path(args.work_dir) if args.work_dir else None
+    if work is not None and odir is not None:
+        check_work_folder(work, {odir: "the output folder"})
     with (
         io.maybe_locked(work, "work folder"),
         io.locked(odir if odir is not None else out, "output folder" if odir else "output"),

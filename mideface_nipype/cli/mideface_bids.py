@@ -20,6 +20,7 @@ from mideface_nipype.cli.common import (
     Parser,
     add_engine_options,
     add_max_gb_option,
+    check_work_folder,
     close_logging,
     configure_nipype,
     engine_options,
@@ -295,6 +296,7 @@ def run(args) -> int:
     work_dir = args.work_dir.resolve()
     if output_dir == bids_dir:
         raise io.InputError(f"{args.output_dir}: the output folder would overwrite the dataset")
+    check_work_folder(args.work_dir, {bids_dir: "the dataset", output_dir: "the output folder"})
     plugin_args, tag = plugin_settings(args.plugin, args.plugin_args, args.nprocs)
     args.participant_label, output_locks = slurm_array_task(args, bids_dir, output_dir)
     # one run at a time per work folder, output folder and (in place) dataset: a second run
