@@ -6,9 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mideface_nipype.utils.errors import InputError, carried_error
+
+if TYPE_CHECKING:  # the CLI imports the package's heavier modules only when it runs
+    from mideface_nipype.utils.io import Publisher
 
 #: The package's logger: every module logs under it (``logging.getLogger(__name__)``).
 PACKAGE_LOGGER = logging.getLogger("mideface_nipype")
@@ -78,17 +83,17 @@ def check_work_folder(work_dir: Path, folders: dict[Path, str]) -> None:
 TEXT_PROBE_BYTES = 8192
 
 
-def check_log_file(log_file: Path, reads, outputs) -> Path:
+def check_log_file(log_file: Path, publisher: Publisher, outputs: Iterable[str | Path]) -> Path:
     """``log_file`` unless appending to it could damage data: a volume name, a file the run
-    reads or writes (by path or inode), or an existing file that is not text (a DICOM has no
-    suffix); ``OutputError`` naming it. ``reads`` is the run's ``io.Publisher``."""
+    reads (``publisher``'s) or writes (``outputs``), by path or inode, or an existing file that
+    is not text (a DICOM has no suffix); ``OutputError`` naming it."""
     from mideface_nipype.utils import io
 
     if io.split_suffix(log_file)[1]:
         raise io.OutputError(
             "--log writes text, not a volume; refusing this volume name", path=log_file
         )
-    reads.refuse_reads(log_file)
+    publisher.refuse_reads(log_file)
     if any(io.same_file(log_file, Path(out)) for out in outputs):
         raise io.OutputError("two outputs of this run have this name", path=log_file)
     if log_file.is_file() and not _is_text(log_file):

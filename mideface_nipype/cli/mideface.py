@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -201,7 +200,7 @@ def _validate_inputs(args) -> list[Path]:
         io.load_volume(path, max_gb=args.max_gb)
         # one image twice (a link or another spelling of its path) would be defaced twice,
         # the second time through a registration to itself
-        if twin := next((v for v in volumes[:k] if os.path.samefile(v, path)), None):
+        if twin := next((v for v in volumes[:k] if io.same_file(v, path)), None):
             raise io.InputError(
                 f"is the same file as {twin}: an image is given once (--i defaces it, "
                 "--apply-to takes the other contrasts)",
