@@ -740,6 +740,27 @@ def test_a_log_that_cannot_be_written_stops_the_run_at_once(tmp_path, capsys, no
     assert os.stat("/dev/full").st_rdev == device.st_rdev
 
 
+def test_a_log_that_fills_up_during_the_run_is_reported(tmp_path, capsys, monkeypatch):
+    """A log on another disk that fills while the run works: the run ends as it would, and one
+    warning names the log and when it stopped (its lines were dropped without a word)."""
+    log = tmp_path / "logs" / "run.log"
+
+    def engine(*_args, **_kwargs):
+        monkeypatch.setattr(common.LogFile, "flush", _no_space)
+        common.PACKAGE_LOGGER.info("a step of the run")
+
+    monkeypatch.setattr(base, "run_workflow", engine)
+    code, _, err = run_cli(["--i", HEAD, "--o", tmp_path / "out.nii.gz", "--log", log], capsys)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and "error" not in err, err
+    expected = (
+        rf"mideface: warning: {re.escape(str(log))}: lines from \d\d:\d\d:\d\d on were not "
+        rf"written \({os.strerror(errno.ENOSPC)}\)"
+    )
+    assert len(warnings) == 1 and re.fullmatch(expected, warnings[0]), warnings
+    assert "done in" not in log.read_text()  # dropped after the failed write
+
+
 @pytest.mark.parametrize(
     ("fails", "code"), [("flush", errno.ENOSPC), ("_open", errno.EROFS)], ids=["full", "read-only"]
 )

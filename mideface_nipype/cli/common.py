@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,14 +25,17 @@ NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
 class LogFile(logging.FileHandler):
     """The run's log file. A write the file system refuses (full, read-only) is kept as
     ``problem`` instead of a "--- Logging error ---" traceback on stderr per line; at the start
-    of a run ``check_log`` then stops it with one line."""
+    of a run ``check_log`` then stops it with one line, later ``close_logging`` warns."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, prog: str):
         from mideface_nipype.utils import io
 
         self.created = io.missing_folders(path.parent)
         self.existed = path.exists()  # a log appended to (or /dev/full) is never removed
+        self.prog = prog
         self.problem: OSError | None = None
+        #: when the first line that could not be written was logged (None: at closing)
+        self.lost_from: float | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             super().__init__(path)
@@ -48,13 +52,22 @@ class LogFile(logging.FileHandler):
         if not isinstance(error, OSError):
             super().handleError(record)
             return
-        self.problem = error
+        self.problem, self.lost_from = error, record.created
 
     def close(self) -> None:
         try:
             super().close()
         except OSError as err:  # the last flush
             self.problem = self.problem or err
+
+    def incomplete(self) -> str | None:
+        """The warning line of a log that lost lines, None when it is whole."""
+        if self.problem is None:
+            return None
+        since = time.strftime("%H:%M:%S", time.localtime(self.lost_from)) if self.lost_from else ""
+        lost = f"from {since} on" if since else "at its end"
+        why = self.problem.strerror or str(self.problem)
+        return f"{self.prog}: warning: {self.baseFilename}: lines {lost} were not written ({why})"
 
     def discard(self) -> None:
         """Close, and remove the log and the folders made for it (unless it was there)."""
@@ -272,7 +285,7 @@ def setup_logging(prog: str, verbose: bool, log_file: Path | None = None) -> Non
     fmt = logging.Formatter(f"%(asctime)s {prog}: %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        handlers.append(LogFile(log_file))
+        handlers.append(LogFile(log_file, prog))
     for handler in handlers:
         handler.setFormatter(fmt)
         PACKAGE_LOGGER.addHandler(handler)
@@ -293,8 +306,12 @@ def configure_nipype(*, stop_on_first_crash: bool, crashdump_dir: Path | None = 
 
 
 def close_logging() -> None:
+    """Close the handlers; a log file that lost lines during the run says so on stderr (the
+    outputs can still be whole: the log may be on another disk)."""
     for handler in PACKAGE_LOGGER.handlers:
         handler.close()
+        if isinstance(handler, LogFile) and (warning := handler.incomplete()):
+            print(warning, file=sys.stderr)
     PACKAGE_LOGGER.handlers.clear()
 
 
