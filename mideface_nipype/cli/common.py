@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # the CLI imports the package's heavier modules only when it 
 PACKAGE_LOGGER = logging.getLogger("mideface_nipype")
 #: Nipype's loggers, quiet unless ``--verbose`` (their tracebacks of a failed node included).
 NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
+#: How a log line (and the warning of a log that lost lines) gives the time.
+LOG_TIME_FORMAT = "%H:%M:%S"
 
 
 class LogFile(logging.FileHandler):
@@ -64,8 +66,10 @@ class LogFile(logging.FileHandler):
         """The warning line of a log that lost lines, None when it is whole."""
         if self.problem is None:
             return None
-        since = time.strftime("%H:%M:%S", time.localtime(self.lost_from)) if self.lost_from else ""
-        lost = f"from {since} on" if since else "at its end"
+        if self.lost_from is None:  # the last flush, at closing
+            lost = "at its end"
+        else:
+            lost = f"from {time.strftime(LOG_TIME_FORMAT, time.localtime(self.lost_from))} on"
         why = self.problem.strerror or str(self.problem)
         return f"{self.prog}: warning: {self.baseFilename}: lines {lost} were not written ({why})"
 
@@ -86,7 +90,7 @@ def check_work_folder(work_dir: Path, folders: dict[Path, str]) -> None:
 
     work = work_dir.resolve()
     for folder, what in folders.items():
-        if work == folder.resolve() or folder.resolve() in work.parents:
+        if (root := folder.resolve()) == work or root in work.parents:
             raise io.InputError(
                 f"{work_dir}: the work folder is inside {what} {folder}; give --work-dir outside it"
             )
@@ -107,7 +111,7 @@ def check_log_file(log_file: Path, publisher: Publisher, outputs: Iterable[str |
             "--log writes text, not a volume; refusing this volume name", path=log_file
         )
     publisher.refuse_reads(log_file)
-    if any(io.same_file(log_file, Path(out)) for out in outputs):
+    if any(io.same_file(log_file, out) for out in outputs):
         raise io.OutputError("two outputs of this run have this name", path=log_file)
     if log_file.is_file() and not _is_text(log_file):
         raise io.OutputError("is not a text file; refusing to append the log to it", path=log_file)
@@ -282,7 +286,7 @@ def setup_logging(prog: str, verbose: bool, log_file: Path | None = None) -> Non
 
     close_logging()
     PACKAGE_LOGGER.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s {prog}: %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s {prog}: %(message)s", LOG_TIME_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(LogFile(log_file, prog))

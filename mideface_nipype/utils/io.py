@@ -553,7 +553,10 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file: one resolved path, or (both existing) one inode."""
     a, b = Path(a), Path(b)
-    return a.resolve() == b.resolve() or (_file_id(a) or (-1, -1)) == (_file_id(b) or (-2, -2))
+    if a.resolve() == b.resolve():
+        return True
+    file_id = _file_id(a)
+    return file_id is not None and file_id == _file_id(b)
 
 
 class Publisher:
