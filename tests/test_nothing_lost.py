@@ -419,7 +419,11 @@ def test_a_work_folder_inside_the_odir_is_refused(tmp_path, capsys, head, no_eng
     od = tmp_path / "od"
     for work in (od, od / "work"):
         argv = ["--i", head, "--odir", od, "--work-dir", work]
-        refused(argv, capsys, [head], f"{work}: the work folder is inside the output folder")
+        line = refused(argv, capsys, [head], f"{work}: the work folder is inside the output folder")
+        assert line == (  # the work folder alone is named (not the input before it)
+            f"mideface: error: {work}: the work folder is inside the output folder {od}; "
+            "give --work-dir outside it"
+        )
     assert not od.exists()
 
 

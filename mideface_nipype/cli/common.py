@@ -92,7 +92,8 @@ def check_work_folder(work_dir: Path, folders: dict[Path, str]) -> None:
     for folder, what in folders.items():
         if (root := folder.resolve()) == work or root in work.parents:
             raise io.InputError(
-                f"{work_dir}: the work folder is inside {what} {folder}; give --work-dir outside it"
+                f"the work folder is inside {what} {folder}; give --work-dir outside it",
+                path=work_dir,
             )
 
 
