@@ -228,6 +228,54 @@ def test_mgz_of_a_scaled_nifti_keeps_the_code_and_the_values(shared_run, capsys)
 
 
 @pytest.mark.slow
+def test_mgz_of_float64_values_is_warned_and_nifti_keeps_them(shared_run, tmp_path, capsys):
+    """MGH holds no float64: an ``.mgz`` output changes untouched voxels, so the run says so
+    (naming the output, the count and the cure); a NIfTI output keeps them bit for bit."""
+    src = nib.load(shared_run["src"])
+    values = np.asarray(src.dataobj, dtype=np.float64) + 1e-9  # fractions float32 cannot hold
+    f64 = tmp_path / "f64.nii.gz"
+    nib.save(nib.Nifti1Image(values, src.affine), f64)
+    inexact = int(np.count_nonzero(values.astype(np.float32) != values))
+    mask = shared_run["od"] / "face.mask.mgz"
+    untouched = np.asarray(nib.load(mask).dataobj) == 0
+    untouched[: len(fill.CODE_TAG), 0, 0] = False  # the provenance code
+    for name, warned in (("out.mgz", True), ("out.nii.gz", False)):
+        out = tmp_path / name
+        code, _, err = run_cli(["--apply", f64, mask, "regheader", out], capsys)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if "warning:" in line]
+        kept = np.asarray(nib.load(out).dataobj)[untouched] == values[untouched]
+        if warned:
+            assert len(warnings) == 1 and f"{out}: MGH stores no float64" in warnings[0]
+            assert f"{inexact} voxels of {f64}" in warnings[0] and ".nii.gz" in warnings[0]
+            assert not kept.all()
+        else:
+            assert warnings == [] and kept.all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "changed"),
+    [
+        ("float64", 1.0, True),
+        ("float32", 1.0, False),
+        ("uint16", 1.0, False),
+        ("uint8", 0.7, False),
+        ("int64", 1.0, False),
+    ],
+)
+def test_mgh_rounding_counts_the_values_mgh_cannot_hold(dtype, slope, changed):
+    """float64 fractions are rounded to float32; uint16 and small int64 fit int32; scaled data
+    are stored as their float32 real values (what the README promises), not rounded again."""
+    data = np.arange(4 * 5 * 6).reshape(4, 5, 6) * (1.1 if dtype.startswith("float") else 1)
+    img = nib.Nifti1Image(data.astype(dtype), np.eye(4), dtype=dtype)
+    img.header.set_slope_inter(slope, 0.0)
+    n_voxels, from_dtype, to_dtype = io.mgh_rounding(img)
+    assert (n_voxels > 0) == changed
+    if changed:
+        assert (from_dtype, to_dtype) == (np.dtype("float64"), np.dtype("float32"))
+
+
+@pytest.mark.slow
 def test_log_and_messages_of_the_run(shared_run):
     log = (shared_run["od"] / "log" / "mideface.log").read_text()
     assert "done in" in log and "error" not in log

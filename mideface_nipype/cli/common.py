@@ -97,6 +97,28 @@ def check_work_folder(work_dir: Path, folders: dict[Path, str]) -> None:
             )
 
 
+def warn_mgh_rounding(outputs: Iterable[tuple[Path, str | Path]]) -> None:
+    """A warning for each (input volume, output) pair whose ``.mgz``/``.mgh`` output cannot hold
+    the input's values exactly (``io.mgh_rounding``): its untouched voxels, the brain's
+    included, would differ from the input's."""
+    from mideface_nipype.utils import io
+
+    for source, out in outputs:
+        if io.split_suffix(out)[1] not in io.MGH_SUFFIXES:
+            continue
+        n_voxels, from_dtype, to_dtype = io.mgh_rounding(io.load_volume(source))
+        if n_voxels:
+            PACKAGE_LOGGER.warning(
+                "warning: %s: MGH stores no %s, so %d voxels of %s (untouched ones too) are "
+                "written as %s and change; name it .nii.gz to keep them bit for bit",
+                out,
+                from_dtype,
+                n_voxels,
+                source,
+                to_dtype,
+            )
+
+
 #: Bytes read from an existing log file to tell text (a log to append to) from data.
 TEXT_PROBE_BYTES = 8192
 

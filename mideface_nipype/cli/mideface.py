@@ -28,6 +28,7 @@ from mideface_nipype.cli.common import (
     log_error,
     number,
     setup_logging,
+    warn_mgh_rounding,
 )
 from mideface_nipype.utils.errors import carried_error
 
@@ -39,7 +40,9 @@ FORMATS = {"mgz": ".mgz", "nii": ".nii", "nii.gz": ".nii.gz"}
 
 EPILOG = """\
 outputs
-  --o FILE            the defaced volume (same grid, dtype, header and scaling as --i)
+  --o FILE            the defaced volume (same grid, dtype, header and scaling as --i;
+                      an .mgz holds the real values of scaled data, and float64 data as
+                      float32, with a warning: .nii.gz keeps every voxel as it was)
   --odir DIR          also keeps, in DIR: face.mask (0 untouched, 1 tissue under the template
                       face, 2 air under it, 3 tissue beyond it, 4 air beyond it), head.mask,
                       exclusion.mask, subject_to_atlas.txt (4x4 RAS) and .mat (ANTs),
@@ -303,6 +306,7 @@ def run_apply(args) -> int:
         setup_logging("mideface", args.verbose, Path(args.log) if args.log else None)
         LOGGER.info("mideface-nipype %s: --apply %s %s -> %s", __version__, vol, facemask, out)
         check_log()
+        warn_mgh_rounding([(vol, out)])
         configure_nipype(stop_on_first_crash=True)
         scratch = work or Path(tempfile.mkdtemp(prefix="mideface-"))
         try:
@@ -393,6 +397,8 @@ def run(args) -> int:
         configure_nipype(stop_on_first_crash=True)
         LOGGER.info("mideface-nipype %s: %s -> %s", __version__, in_file, out)
         check_log()  # a log that cannot be written: the outputs could not be either
+        others = outputs.destinations.get("other_out_files", [])
+        warn_mgh_rounding([(in_file, out), *zip(map(Path, args.apply_to), others, strict=True)])
         if args.o and odir is not None and not args.odir:
             LOGGER.info("--o %s has no volume suffix: it is the output folder", args.o)
         start = time.perf_counter()

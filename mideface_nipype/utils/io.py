@@ -30,8 +30,10 @@ from mideface_nipype import __version__
 from mideface_nipype.utils.errors import InputError, OutputError, carried_error
 from mideface_nipype.utils.geometry import voxel_sizes
 
+#: The suffixes of FreeSurfer's MGH format.
+MGH_SUFFIXES = (".mgz", ".mgh")
 #: Volume file name endings that nibabel reads and writes.
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", *MGH_SUFFIXES)
 #: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
 MIN_AXIS_VOXELS = 4
 #: Voxel edges (mm) outside this range mean a broken header, not a head MRI.
@@ -363,7 +365,7 @@ def _in_format(
     _, suffix = split_suffix(path)
     if not suffix:
         raise error(f"unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}", path=path)
-    if suffix in (".mgz", ".mgh") and not isinstance(img, nib.MGHImage):
+    if suffix in MGH_SUFFIXES and not isinstance(img, nib.MGHImage):
         img = _to_mgh(img)
     return img, suffix
 
@@ -379,18 +381,34 @@ def _to_mgh(img: nib.spatialimages.SpatialImage) -> nib.MGHImage:
     from mideface_nipype.engine import fill
 
     stored = stored_data(img)
-    slope, inter = _scaling(img)
-    data = stored
-    if (slope, inter) != (1.0, 0.0):
-        if float(slope).is_integer() and float(inter).is_integer() and stored.dtype.kind in "iu":
-            data = stored.astype(np.int64) * int(slope) + int(inter)
-        else:
-            data = stored * np.float32(slope) + np.float32(inter)
+    data = _mgh_values(img, stored)
     if data.dtype not in MGH_DTYPES:
         data = data.astype(_smallest_mgh_dtype(data))
     if data is not stored and fill.check_code(stored) and not fill.check_code(data):
         data = fill.embed_code(data)
     return nib.MGHImage(data, img.affine)
+
+
+def _mgh_values(img: nib.spatialimages.SpatialImage, stored: np.ndarray) -> np.ndarray:
+    """``stored`` (``img``'s stored data) in the units MGH gets: unscaled as they are, scaled
+    as int64 when the scaling and the data are integers, else as float32 real values."""
+    slope, inter = _scaling(img)
+    if (slope, inter) == (1.0, 0.0):
+        return stored
+    if float(slope).is_integer() and float(inter).is_integer() and stored.dtype.kind in "iu":
+        return stored.astype(np.int64) * int(slope) + int(inter)
+    return stored * np.float32(slope) + np.float32(inter)
+
+
+def mgh_rounding(img: nib.spatialimages.SpatialImage) -> tuple[int, np.dtype, np.dtype]:
+    """(voxels that change, from, to): the cast ``_to_mgh`` makes of ``img``'s values to a type
+    MGH stores (float64 to float32, integers beyond int32 to float32); (0, t, t) without one.
+    Those voxels of an ``.mgz`` output, the untouched ones too, differ from the input's."""
+    values = _mgh_values(img, stored_data(img))
+    if values.dtype in MGH_DTYPES:
+        return 0, values.dtype, values.dtype
+    cast = values.astype(_smallest_mgh_dtype(values))
+    return int(np.count_nonzero(cast != values)), values.dtype, cast.dtype
 
 
 def _scaling(img: nib.spatialimages.SpatialImage) -> tuple[float, float]:
