@@ -15,7 +15,9 @@ import pytest
 from brain import shared_brain_mask
 from conftest import ATLAS_SOURCES_DIR, HEADS_DIR, default_run
 
+from mideface_nipype.cli import mideface as cli
 from mideface_nipype.cli import mideface_audit as audit_cli
+from mideface_nipype.engine import register
 from mideface_nipype.evaluation import audit, peers
 from mideface_nipype.utils import io
 
@@ -32,6 +34,8 @@ EXPECTED = {
     "intact_dcmqa.nii.gz": (audit.FACE_IN_VIEW, ""),
     "boxcut_colin27.nii.gz": (audit.OUT_OF_VIEW, None),
     "mideface_IXI012.nii.gz": (audit.DEFACED, audit.BY_MIDEFACE),
+    "misapplied_up_IXI012.nii.gz": (audit.FACE_IN_VIEW, audit.STAMPED_NOSE),
+    "misapplied_upback_IXI012.nii.gz": (audit.FACE_IN_VIEW, audit.STAMPED),
     "pydeface_IXI012.nii.gz": (audit.DEFACED, audit.ZEROED),
     "quickshear_dcmqa.nii.gz": (audit.DEFACED, audit.ZEROED),
 }
@@ -61,6 +65,15 @@ def heads(tmp_path_factory) -> Path:
         default_run(IXI, "--pics") / "defaced.nii.gz", folder / "mideface_IXI012.nii.gz"
     )
     ixi = io.load_volume(HEADS_DIR / IXI)
+    # the head moved in the scanner (mm, world RAS), its face mask applied by the header alone:
+    # the mask misses much of the face, and the output carries the provenance code
+    mask = default_run(IXI, "--pics") / "face.mask.nii.gz"
+    for name, shift_mm in (("up", (0, 0, 30)), ("upback", (0, -20, 30))):
+        moved, affine = tmp_path_factory.mktemp(name) / "moved.nii.gz", ixi.affine.copy()
+        affine[:3, 3] += shift_mm
+        nib.save(nib.Nifti1Image(io.stored_data(ixi), affine), moved)
+        out = folder / f"misapplied_{name}_IXI012.nii.gz"
+        assert cli.main(["--apply", str(moved), str(mask), "regheader", str(out)]) == 0
     nib.save(peers.pydeface_ants(ixi), folder / "pydeface_IXI012.nii.gz")
     dcmqa = io.load_volume(HEADS_DIR / DCMQA)
     brain = shared_brain_mask(dcmqa, ATLAS_SOURCES_DIR)
@@ -93,9 +106,12 @@ def test_verdicts_on_real_heads(audited):
     assert float(rows["boxcut_colin27.nii.gz"]["face_in_box"]) < audit.FULL_FACE_IN_BOX
     assert float(rows["intact_dcmqa.nii.gz"]["face_in_box"]) >= audit.FULL_FACE_IN_BOX
     assert int(rows["intact_dcmqa.nii.gz"]["views_with_face"]) >= audit.MIN_VIEWS
-    # the provenance code needs no registration
-    assert float(rows["mideface_IXI012.nii.gz"]["seconds"]) < 5
-    assert rows["mideface_IXI012.nii.gz"]["head_dice"] == "n/a"
+    # a stamped image is examined like any other (never taken on trust)
+    for name in ("mideface", "misapplied_up", "misapplied_upback"):
+        assert float(rows[f"{name}_IXI012.nii.gz"]["head_dice"]) >= register.MIN_HEAD_DICE
+    assert float(rows["mideface_IXI012.nii.gz"]["nose_without_skin"]) > 0.9
+    assert float(rows["misapplied_up_IXI012.nii.gz"]["nose_without_skin"]) < 0.5
+    assert int(rows["misapplied_upback_IXI012.nii.gz"]["views_with_face"]) >= audit.MIN_VIEWS
 
 
 def _figures(section: str) -> list[tuple[str, bytes]]:
@@ -108,12 +124,14 @@ def test_exit_code_and_html(audited):
     code, out_dir = audited
     assert code == audit_cli.EXIT_FLAGGED
     page = (out_dir / audit_cli.HTML_NAME).read_text()
-    assert "2 flagged" in page
+    assert "4 flagged" in page
     _, flagged, cut = page.split("<h2>")
     assert flagged.startswith("Flagged images")
     assert sorted(name for name, _ in _figures(flagged)) == [
         "intact_IXI012.nii.gz",
         "intact_dcmqa.nii.gz",
+        "misapplied_up_IXI012.nii.gz",
+        "misapplied_upback_IXI012.nii.gz",
     ]
     assert [name for name, _ in _figures(cut)] == ["boxcut_colin27.nii.gz"]
     for _, png in _figures(page):

@@ -47,9 +47,13 @@ EPILOG = f"""\
 verdicts (one per image)
   {audit.FACE_IN_VIEW:<17} FLAGGED: a face with landmarks is detected in >= {audit.MIN_VIEWS} of \
 the skin renders
-                    (front, +-30 deg) where the atlas face lies
+                    (front, +-30 deg) where the atlas face lies. A stamped image is examined
+                    too (a mask applied through a wrong registration is stamped as well):
+                    "{audit.STAMPED}" when a face is found, "{audit.STAMPED_NOSE}"
+                    when it carries our code and the atlas nose still has skin
   {audit.DEFACED:<17} {audit.BY_MIDEFACE}: provenance code or descrip stamp of mideface-nipype \
-(or MiDeFace)
+(or MiDeFace),
+                    and not flagged
                     {audit.ZEROED}: no skin where the face should be (zeroed voxels, a cutting \
 plane)
                     {audit.NOISE}: skin over the face, but no face is found
@@ -58,8 +62,8 @@ plane)
 
 PATH may be a volume (.nii, .nii.gz, .mgz, .mgh), a folder (every volume below it) or a BIDS
 dataset (a folder with dataset_description.json: every image in sub-*/[ses-*/]anat/, minus
-.bidsignore). Each image takes ~15-40 s (atlas registration, renders, face detection); images
-with the provenance code take well under a second.
+.bidsignore). Each image takes ~15-40 s (atlas registration, renders, face detection), images
+with the provenance code too.
 
 outputs (in --out-dir)
   {TSV_NAME}     one row per image: {", ".join(TSV_COLUMNS)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -309,8 +309,9 @@ def _leading_voxels(view: np.ndarray, n: int) -> np.ndarray:
     return view[:, :rows, :slabs].ravel(order="F")[:n]
 
 
-def check_code(data: np.ndarray) -> bool:
-    """Whether frame 0 carries one of :data:`KNOWN_CODES` (i.e. the volume was defaced).
+def check_code(data: np.ndarray, codes: Sequence[str] = KNOWN_CODES) -> bool:
+    """Whether frame 0 carries one of ``codes`` (by default any of :data:`KNOWN_CODES`: the
+    volume was defaced).
 
     The tag starts in a corner and runs along one axis (continued on the next lines when no
     axis is long enough); any flip or permutation of the axes moves it onto another corner and
@@ -320,10 +321,10 @@ def check_code(data: np.ndarray) -> bool:
     if data.ndim not in (3, 4):
         raise ValueError(f"expected a 3-D or 4-D volume, got shape {data.shape}")
     frame = data[..., 0] if data.ndim == 4 else data
-    codes = [_ascii(code) for code in KNOWN_CODES]
-    longest = max(c.size for c in codes)
+    tags = [_ascii(code) for code in codes]
+    longest = max(t.size for t in tags)
     for view in _orientations(frame):
         leading = _leading_voxels(view, min(longest, frame.size))
-        if any(np.array_equal(leading[: c.size], c) for c in codes):
+        if any(np.array_equal(leading[: t.size], t) for t in tags):
             return True
     return False

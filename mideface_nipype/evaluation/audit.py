@@ -6,17 +6,21 @@ renderer and light) and dlib's face detector and 68 landmarks look for a face. T
 (lower and upper face, nose, eyes) mapped into the image through the engine's atlas registration
 says where the face should be, so an image without a detectable face can be told apart:
 
-1. ``defaced`` / ``mideface``: the provenance code (``fill.check_code``) or the NIfTI
-   ``descrip`` stamp of this package; no registration or render is needed.
-2. ``defaced`` / ``zeroed/cut``: no skin where the atlas nose lies (zeroed voxels, a cutting
+1. ``defaced`` / ``zeroed/cut``: no skin where the atlas nose lies (zeroed voxels, a cutting
    plane). The nose is the face's most protruding part: every cut or zeroing that removes the
    face removes it, and a recogniser reads the face's relief. This comes before the detector,
    which also reads the orbits left behind a cutting plane as a (weak) face.
-3. ``face in view`` (FLAGGED): a face with plausible landmarks where the atlas face lies, in at
+2. ``face in view`` (FLAGGED): a face with plausible landmarks where the atlas face lies, in at
    least ``MIN_VIEWS`` of the three views.
-4. ``face out of view``: the atlas face lies mostly (or, with no face found, partly) outside
+3. ``face out of view``: the atlas face lies mostly (or, with no face found, partly) outside
    the image box.
-5. ``defaced`` / ``noise fill/other``: skin lies over the face, yet no face is found.
+4. ``defaced`` / ``noise fill/other``: skin lies over the face, yet no face is found.
+
+An image with the provenance code (``fill.check_code``) or the NIfTI ``descrip`` stamp of this
+package is examined like any other (a face mask applied through a wrong registration is stamped
+too): with a face in view it is flagged (``stamped by mideface``), and so it is when it carries
+this package's code and the atlas nose has skin (``stamped by mideface, nose untouched``: the
+fill always moves the nose); otherwise it is ``defaced`` / ``mideface``.
 
 The region measures need the registration: below the engine's head Dice (``MIN_HEAD_DICE``)
 they are not trusted, and the detector alone decides (a face or ``noise fill/other``).
@@ -27,6 +31,7 @@ Needs the ``eval`` extra (``dlib-bin``, ``face_recognition_models``; no download
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -69,6 +74,12 @@ FACE_IN_VIEW = "face in view"
 DEFACED = "defaced"
 OUT_OF_VIEW = "face out of view"
 BY_MIDEFACE = "mideface"
+#: The reasons of a flagged image that carries this package's provenance code or stamp: a face
+#: is found, or the nose has skin where the atlas nose lies (this package's fill always moves the
+#: nose: its defaced heads here leave no skin within ``NOSE_GAP_MM`` of 0.97-1.0 of the atlas
+#: nose, the median gap 5.4-11.5 mm).
+STAMPED = "stamped by mideface"
+STAMPED_NOSE = "stamped by mideface, nose untouched"
 ZEROED = "zeroed/cut"
 NOISE = "noise fill/other"
 
@@ -120,12 +131,15 @@ class AuditResult:
         return self.verdict == FACE_IN_VIEW
 
 
-def has_provenance(img: nib.spatialimages.SpatialImage) -> bool:
-    """Whether this package (or FreeSurfer's MiDeFace) defaced the image: code or descrip."""
+def has_provenance(
+    img: nib.spatialimages.SpatialImage, codes: Sequence[str] = fill.KNOWN_CODES
+) -> bool:
+    """Whether this package (or, by default, FreeSurfer's MiDeFace) defaced the image: one of
+    ``codes`` or this package's descrip stamp."""
     if isinstance(img.header, nib.Nifti1Header):  # NIfTI-2 headers are NIfTI-1 headers too
         if DESCRIP_STAMP in bytes(img.header["descrip"]).decode("latin-1"):
             return True
-    return fill.check_code(io.stored_data(img))
+    return fill.check_code(io.stored_data(img), codes)
 
 
 def subject_to_atlas(
@@ -226,8 +240,6 @@ def judge(
 def audit_image(img: nib.spatialimages.SpatialImage, path: str = "") -> AuditResult:
     """The verdict on one loaded image; the renders are kept in the result."""
     start = time.perf_counter()
-    if has_provenance(img):
-        return AuditResult(path, DEFACED, BY_MIDEFACE, seconds=time.perf_counter() - start)
     data = io.first_frame(img)
     head = np.asarray(headmask.head_mask(img).dataobj) > 0
     to_atlas, dice = subject_to_atlas(data, img.affine, head)
@@ -239,6 +251,18 @@ def audit_image(img: nib.spatialimages.SpatialImage, path: str = "") -> AuditRes
     n_faces = sum(d.valid for d in detections)
     in_box, nose_without_skin = face_coverage(data, img.affine, to_atlas)
     verdict, reason = judge(n_faces, in_box, nose_without_skin, dice)
+    if has_provenance(img):  # it says who defaced the image, not that the face is gone
+        trusted = dice >= register.MIN_HEAD_DICE
+        if verdict == FACE_IN_VIEW:
+            reason = STAMPED
+        elif (
+            trusted
+            and nose_without_skin <= MAX_NOSE_WITHOUT_SKIN
+            and has_provenance(img, (fill.CODE,))
+        ):
+            verdict, reason = FACE_IN_VIEW, STAMPED_NOSE
+        else:
+            verdict, reason = DEFACED, BY_MIDEFACE
     return AuditResult(
         path,
         verdict,
