@@ -140,7 +140,7 @@ def deface(
         xmask_file = _checked(xmask, folder, "xmask") if xmask is not None else None
         out = folder / "out"
         names = {output: name.format(s=".nii.gz") for name, output in ODIR_FILES.items()}
-        files = {"out_file": out / DEFACED_FILE.format(s=io.split_suffix(in_file)[1])}
+        files = {"out_file": out / DEFACED_FILE.format(s=io.derived_name_parts(in_file)[1])}
         files |= {key: out / names[key] for key in ("face_mask", "exclusion_mask", "transform")}
         files["stats"] = out / names["stats"]
         destinations = {key: [str(path)] for key, path in files.items()}

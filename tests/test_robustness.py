@@ -326,6 +326,36 @@ def test_face_partly_outside_the_field_of_view(reference, tmp_path):
     assert dice(face, reference["face"][tuple(keep)]) >= MIN_CROPPED_FACE_DICE
 
 
+def test_a_format_nibabel_only_reads_is_defaced_as_nifti(reference, tmp_path):
+    """SPM's NIfTI pair (``.hdr``/``.img``): read by nibabel, it used to run the whole graph and
+    then fail for want of an output format, naming a temporary file. Now its outputs are
+    ``.nii.gz``, its untouched voxels bit for bit, and ``--apply`` takes it too."""
+    src = nib.load(REF_PATH)
+    pair = tmp_path / "head.hdr"
+    nib.save(nib.Nifti1Pair(src.dataobj.get_unscaled(), src.affine, src.header), pair)
+    inputs = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    odir = tmp_path / "out"
+    assert cli.main(["--i", str(pair), "--odir", str(odir), "--no-samseg"]) == 0
+    defaced = nib.load(odir / "defaced.nii.gz")
+    assert isinstance(defaced, nib.Nifti1Image)
+    before, after = io.stored_data(src), io.stored_data(defaced)
+    assert after.dtype == before.dtype and np.array_equal(defaced.affine, src.affine)
+    assert fill.check_code(after)
+    face = np.asarray(nib.load(odir / "face.mask.nii.gz").dataobj) > 0
+    changed = before != after
+    changed[: len(fill.CODE_TAG), 0, 0] = False
+    assert np.all(face[changed]) and changed.sum() > 0.5 * face.sum()
+    assert np.count_nonzero(changed & reference["brain"]) == 0
+    assert dice(face, reference["face"]) >= MIN_FACE_DICE
+    out = tmp_path / "applied.nii.gz"
+    args = ["--apply", str(pair), str(odir / "face.mask.nii.gz"), "regheader", str(out)]
+    assert cli.main(args) == 0
+    applied = io.stored_data(nib.load(out)) != before
+    applied[: len(fill.CODE_TAG), 0, 0] = False
+    assert np.all(face[applied]) and applied.sum() > 0.5 * face.sum()
+    assert {p: p.read_bytes() for p in inputs} == inputs
+
+
 #: Slice thickness (mm, across x) of the thick-slice sagittal case; 1 mm in plane.
 SAGITTAL_MM = 4.8
 

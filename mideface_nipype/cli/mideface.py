@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io_group = p.add_argument_group("input and output")
-    io_group.add_argument("--i", metavar="VOL", help="input volume (NIfTI or MGZ, 3-D or 4-D)")
+    io_group.add_argument(
+        "--i",
+        metavar="VOL",
+        help="input volume (NIfTI or MGZ, 3-D or 4-D; a format nibabel only reads, such as "
+        "Analyze .hdr/.img, is written as .nii.gz)",
+    )
     io_group.add_argument("--o", metavar="VOL", help="defaced output volume")
     io_group.add_argument("--odir", metavar="DIR", help="folder for the output and QA files")
     io_group.add_argument("--facemask", metavar="VOL", help="write the face mask (0-4) here")
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest="fmt",
             action="store_const",
             const=key,
-            help=f"with --odir and no --o: write {key} (default: the input's format)",
+            help=f"with --odir and no --o: write {key} (default: the input's format, or .nii.gz "
+            "for one nibabel only reads)",
         )
     io_group.add_argument(
         "--apply-to",
@@ -163,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_outputs(args, in_file: Path) -> tuple[Path, Path | None, str]:
     """(defaced volume, output folder or None, volume suffix); refuses an unusable ``--o``."""
-    from mideface_nipype.utils.io import OutputError, split_suffix
+    from mideface_nipype.utils.io import OutputError, derived_name_parts, split_suffix
     from mideface_nipype.workflows.outputs import DEFACED_FILE
 
-    _, in_suffix = split_suffix(in_file)
+    _, in_suffix = derived_name_parts(in_file)
     suffix = FORMATS[args.fmt] if args.fmt else in_suffix
     odir = Path(args.odir) if args.odir else None
     if args.o:

@@ -121,7 +121,7 @@ class ApplyFaceMask(StepInterface):
                 stat_frame=self.inputs.stat_frame,
             )
         record.update(stats.to_dict())
-        stem, suffix = io.split_suffix(Path(self.inputs.in_file).name)
+        stem, suffix = io.derived_name_parts(Path(self.inputs.in_file).name)
         self._results["out_file"] = out_path(runtime, f"{stem}_defaced{suffix}")
         io.save_atomic(io.like(img, out, descrip=io.defaced_descrip()), self._results["out_file"])
         self._results["face_mask"] = save_mask(mask, img.affine, runtime, f"{stem}_facemask.nii.gz")

@@ -69,7 +69,7 @@ class Deface(StepInterface):
             )
         record.update(stats.to_dict())
         record["code_location"] = fill.code_location(out.shape)
-        _, suffix = io.split_suffix(Path(self.inputs.in_file).name)
+        _, suffix = io.derived_name_parts(Path(self.inputs.in_file).name)
         name = self.inputs.out_name or f"defaced{suffix}"
         self._results["out_file"] = out_path(runtime, name)
         io.save_atomic(io.like(img, out, descrip=io.defaced_descrip()), self._results["out_file"])

@@ -571,7 +571,7 @@ def write_report(path: str | Path, **kwargs) -> Path:
 
 def sidecar_path(image: str | Path) -> Path:
     """``.../sub-01_T1w.nii.gz`` -> ``.../sub-01_T1w.json``."""
-    return Path(io.split_suffix(str(image))[0] + ".json")
+    return Path(io.derived_name_parts(str(image))[0] + ".json")
 
 
 def sidecar_text(

@@ -34,6 +34,9 @@ from mideface_nipype.utils.geometry import voxel_sizes
 MGH_SUFFIXES = (".mgz", ".mgh")
 #: Volume file name endings that nibabel reads and writes.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", *MGH_SUFFIXES)
+#: The format of what is made from an input in a format nibabel reads but we do not write
+#: (Analyze or NIfTI pairs, ``.nii.bz2``, MINC, PAR/REC).
+FALLBACK_SUFFIX = ".nii.gz"
 #: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
 MIN_AXIS_VOXELS = 4
 #: Voxel edges (mm) outside this range mean a broken header, not a head MRI.
@@ -67,6 +70,18 @@ def split_suffix(path: str | Path) -> tuple[str, str]:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)], suffix
     return name, ""
+
+
+def derived_name_parts(path: str | Path) -> tuple[str, str]:
+    """(stem, suffix) for a file made from the volume ``path``: its own suffix, or for a
+    format nibabel only reads (``head.hdr``) its name without nibabel's extension and
+    ``FALLBACK_SUFFIX``, so such an input is defaced like any other instead of failing at the
+    end for want of an output format."""
+    stem, suffix = split_suffix(path)
+    if suffix:
+        return stem, suffix
+    root, _, _ = nib.filename_parser.splitext_addext(str(path))
+    return root, FALLBACK_SUFFIX
 
 
 def load_volume(path: str | Path, *, max_gb: float | None = None) -> nib.spatialimages.SpatialImage:

@@ -19,7 +19,7 @@ from nipype.pipeline import engine as pe
 from mideface_nipype.interfaces.outputs import Publish
 from mideface_nipype.reports import report
 from mideface_nipype.utils import bids
-from mideface_nipype.utils.io import split_suffix
+from mideface_nipype.utils.io import derived_name_parts
 
 #: The face mask's name in ``--odir`` ("{s}": the volume suffix), which sidecars point to.
 FACE_MASK_FILE = "face.mask{s}"
@@ -93,7 +93,7 @@ class Outputs:
 
 def defaced_name(path: str | Path) -> str:
     """``sub-01_T2w.nii.gz`` -> ``sub-01_T2w_defaced.nii.gz`` (the ``--apply-to`` name rule)."""
-    stem, suffix = split_suffix(Path(path).name)
+    stem, suffix = derived_name_parts(Path(path).name)
     return f"{stem}_defaced{suffix}"
 
 
