@@ -189,6 +189,24 @@ def test_bids_form_finds_every_anatomical_image(heads, tmp_path, capsys):
     assert {(r["verdict"], r["reason"]) for r in rows} == {(audit.DEFACED, audit.BY_MIDEFACE)}
 
 
+@pytest.mark.slow
+def test_formats_nibabel_only_reads_are_audited(tmp_path, capsys):
+    """A folder scan skipped SPM's NIfTI pairs and ``.nii.bz2`` without a word, and printed
+    "1 of 1 images flagged" beside two faces it never looked at."""
+    data = tmp_path / "data"
+    data.mkdir()
+    src = nib.load(HEADS_DIR / IXI)
+    nib.save(nib.Nifti1Pair(src.dataobj.get_unscaled(), src.affine, src.header), data / "p.hdr")
+    nib.save(src, data / "b.nii.bz2")
+    (data / "c.nii.gz").symlink_to(HEADS_DIR / IXI)
+    names = ["b.nii.bz2", "c.nii.gz", "p.hdr"]  # the pair once, by its header
+    assert audit_cli.find_images([data]) == [data / n for n in names]
+    code, _, _ = _run([str(data / "p.hdr"), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == audit_cli.EXIT_FLAGGED
+    [row] = _tsv(tmp_path / "out" / audit_cli.TSV_NAME)
+    assert row["verdict"] == audit.FACE_IN_VIEW
+
+
 @pytest.mark.parametrize("case", ["missing", "not-a-volume", "corrupt", "empty-folder"])
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, capsys, case):
     good = HEADS_DIR / IXI  # read first, never audited: every input is checked before any work

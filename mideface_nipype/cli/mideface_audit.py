@@ -60,7 +60,8 @@ plane)
   {audit.OUT_OF_VIEW:<17} the face lies (partly) outside the image box and none is found
   {NOT_AUDITED:<17} the image could not be judged (no head in it, ...): exit status {EXIT_ERROR}
 
-PATH may be a volume (.nii, .nii.gz, .mgz, .mgh), a folder (every volume below it) or a BIDS
+PATH may be a volume (.nii, .nii.gz, .mgz, .mgh; also .nii.bz2, an Analyze/NIfTI pair by its
+.hdr, MINC .mnc), a folder (every volume below it) or a BIDS
 dataset (a folder with dataset_description.json: every image in sub-*/[ses-*/]anat/, minus
 .bidsignore). Each image takes ~15-40 s (atlas registration, renders, face detection), images
 with the provenance code too.
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_volume(path: Path) -> bool:
-    return path.is_file() and bool(io.split_suffix(path.name)[1])
+    return path.is_file() and io.is_volume_name(path.name)
 
 
 def _bidsignore(root: Path) -> list[str]:
@@ -167,7 +168,8 @@ def find_images(paths: list[Path]) -> list[Path]:
                 raise UsageError(f"{path}: no {what} found")
             images += found
         elif path.exists() and not is_volume(path):
-            raise UsageError(f"{path}: not a volume (.nii, .nii.gz, .mgz, .mgh) or a folder")
+            formats = ", ".join((*io.VOLUME_SUFFIXES, *io.READ_ONLY_SUFFIXES))
+            raise UsageError(f"{path}: not a volume ({formats}) or a folder")
         else:
             images.append(path)  # a missing file is named by load_volume's check
     return list(dict.fromkeys(images))

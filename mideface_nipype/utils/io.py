@@ -34,8 +34,10 @@ from mideface_nipype.utils.geometry import voxel_sizes
 MGH_SUFFIXES = (".mgz", ".mgh")
 #: Volume file name endings that nibabel reads and writes.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", *MGH_SUFFIXES)
-#: The format of what is made from an input in a format nibabel reads but we do not write
-#: (Analyze or NIfTI pairs, ``.nii.bz2``, MINC, PAR/REC).
+#: Volume formats nibabel reads but we do not write (a pair by its header): an audit examines
+#: them too, and what is made from one is written as ``FALLBACK_SUFFIX``.
+READ_ONLY_SUFFIXES = (".nii.bz2", ".hdr", ".mnc")
+#: The format of what is made from an input in a format nibabel only reads.
 FALLBACK_SUFFIX = ".nii.gz"
 #: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
 MIN_AXIS_VOXELS = 4
@@ -70,6 +72,12 @@ def split_suffix(path: str | Path) -> tuple[str, str]:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)], suffix
     return name, ""
+
+
+def is_volume_name(path: str | Path) -> bool:
+    """Whether ``path`` is named as a volume nibabel reads (``VOLUME_SUFFIXES`` or
+    ``READ_ONLY_SUFFIXES``)."""
+    return str(path).lower().endswith((*VOLUME_SUFFIXES, *READ_ONLY_SUFFIXES))
 
 
 def derived_name_parts(path: str | Path) -> tuple[str, str]:
