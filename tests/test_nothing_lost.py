@@ -340,6 +340,20 @@ def test_check_onto_its_volume_is_refused(tmp_path, capsys, head):
     assert not (tmp_path / "a.txt").exists()
 
 
+def test_the_other_file_of_a_pair_is_an_input_too(tmp_path, capsys, head, no_engine):
+    """``--check head.hdr head.img --force`` wrote "0" over the pair's voxel data, exit 0."""
+    pair = tmp_path / "pair" / "head.hdr"
+    pair.parent.mkdir()
+    nib.save(nib.Nifti1Pair(np.asarray(nib.load(head).dataobj), nib.load(head).affine), pair)
+    partner = pair.with_suffix(".img")
+    for vol, out in ((pair, partner), (partner, pair)):
+        refused(["--check", vol, out, "--force"], capsys, [pair, partner], str(out), "overwrite")
+        argv = ["--i", vol, "--o", tmp_path / "o.nii.gz", "--log", out]
+        refused(argv, capsys, [pair, partner], str(out))
+        argv = ["--i", vol, "--o", tmp_path / "o.nii.gz", "--apply-to", out]
+        refused(argv, capsys, [pair, partner], str(out), "same image as")
+
+
 def test_check_writes_its_file_once(tmp_path, capsys, head):
     result = tmp_path / "check.txt"
     code, out, _ = run_cli(["--check", head, result], capsys)
@@ -423,11 +437,11 @@ def test_the_input_again_as_another_contrast_is_refused(tmp_path, capsys, head, 
     spelled = head.parent / ".." / head.parent.name / head.name
     for again in (head, spelled, *_links(head, tmp_path / "links", "T2w.nii.gz").values()):
         argv = ["--i", head, "--odir", od, "--apply-to", again]
-        refused(argv, capsys, [head], str(again), "same file as")
+        refused(argv, capsys, [head], str(again), "same image as")
     other = tmp_path / "T2w.nii.gz"
     shutil.copyfile(head, other)
     argv = ["--i", head, "--odir", od, "--apply-to", other, other]
-    refused(argv, capsys, [head, other], str(other), "same file as")
+    refused(argv, capsys, [head, other], str(other), "same image as")
     assert not od.exists()
 
 

@@ -207,11 +207,15 @@ def _validate_inputs(args) -> list[Path]:
     img = io.load_volume(volumes[0], max_gb=args.max_gb)
     for k, path in enumerate(volumes[1:], start=1):
         io.load_volume(path, max_gb=args.max_gb)
-        # one image twice (a link or another spelling of its path) would be defaced twice,
-        # the second time through a registration to itself
-        if twin := next((v for v in volumes[:k] if io.same_file(v, path)), None):
+        # one image twice (a link, another spelling of its path, the other file of its pair)
+        # would be defaced twice, the second time through a registration to itself
+        twin = next(
+            (v for v in volumes[:k] if any(io.same_file(f, path) for f in io.image_files(v))),
+            None,
+        )
+        if twin is not None:
             raise io.InputError(
-                f"is the same file as {twin}: an image is given once (--i defaces it, "
+                f"is the same image as {twin}: an image is given once (--i defaces it, "
                 "--apply-to takes the other contrasts)",
                 path=path,
             )

@@ -39,6 +39,9 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", *MGH_SUFFIXES)
 READ_ONLY_SUFFIXES = (".nii.bz2", ".hdr", ".mnc")
 #: The format of what is made from an input in a format nibabel only reads.
 FALLBACK_SUFFIX = ".nii.gz"
+#: The two files of a paired format (Analyze/NIfTI pair, Philips PAR/REC): reading one reads
+#: the other.
+PAIRED_SUFFIXES = {".hdr": ".img", ".img": ".hdr", ".par": ".rec", ".rec": ".par"}
 #: The smallest size of a spatial axis for an image to count as a volume (not a 2-D slice).
 MIN_AXIS_VOXELS = 4
 #: Voxel edges (mm) outside this range mean a broken header, not a head MRI.
@@ -78,6 +81,17 @@ def is_volume_name(path: str | Path) -> bool:
     """Whether ``path`` is named as a volume nibabel reads (``VOLUME_SUFFIXES`` or
     ``READ_ONLY_SUFFIXES``)."""
     return str(path).lower().endswith((*VOLUME_SUFFIXES, *READ_ONLY_SUFFIXES))
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """``path`` and, for one file of a pair (``head.hdr``), its partner in either case
+    (``head.img``, ``head.IMG``): a run that reads one reads both, so neither may be written."""
+    path = Path(path)
+    root, ext, compressed = nib.filename_parser.splitext_addext(str(path))
+    partner = PAIRED_SUFFIXES.get(ext.lower())
+    if partner is None:
+        return [path]
+    return [path, *(Path(root + p + compressed) for p in (partner, partner.upper()))]
 
 
 def derived_name_parts(path: str | Path) -> tuple[str, str]:
@@ -624,9 +638,8 @@ class Publisher:
         return list(self._written)
 
     def add_reads(self, paths: Iterable[str | Path]) -> None:
-        """More files the run reads (they are never written to)."""
-        for path in paths:
-            path = Path(path)
+        """More files the run reads (they are never written to), with a pair's partner file."""
+        for path in (p for given in paths for p in image_files(given)):
             self._read_paths[path.resolve()] = path
             file_id = _file_id(path)
             if file_id is not None:
