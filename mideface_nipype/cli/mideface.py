@@ -53,9 +53,10 @@ outputs
                       dist-to-face.png, slices.png, head.surf.gii, head.defaced.surf.gii,
                       dist-to-face.func.gii
   sub-*_*.nii[.gz]    a BIDS-named input also gets a JSON sidecar next to each defaced file
-  every output        is refused if it is a file the run reads (also through a link) or, without
-                      --force, exists; DIR's files appear together; a failed run removes what it
-                      wrote (DIR/log/mideface.log keeps the error)
+  every output        is refused if it is a file the run reads (also through a link, and both
+                      files of a .hdr/.img pair) or, without --force, exists; DIR's files appear
+                      together; a failed run removes what it wrote (DIR/log/mideface.log keeps
+                      the error)
 
 examples
   mideface --i sub-01_T1w.nii.gz --o sub-01_T1w_defaced.nii.gz
