@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply",
         nargs=4,
         metavar=("VOL", "FACEMASK", "REG", "OUT"),
-        help="deface VOL with an existing FACEMASK; REG is 'regheader', a 4x4 RAS text matrix "
-        "(VOL mm -> FACEMASK mm) or an ITK/ANTs affine with VOL as the fixed image",
+        help="deface VOL with an existing FACEMASK; REG is 'regheader', a FreeSurfer LTA (.lta, "
+        "either direction, as FreeSurfer), a 4x4 RAS text matrix (.txt, VOL mm -> FACEMASK mm) "
+        "or an ITK/ANTs affine (.mat) with VOL as the fixed image",
     )
     io_group.add_argument("--demo", metavar="DIR", help="deface the bundled sample head into DIR")
     io_group.add_argument("--work-dir", metavar="DIR", help="keep Nipype's working folder here")
@@ -273,7 +274,7 @@ def run_apply(args) -> int:
 
     from mideface_nipype.engine import register
     from mideface_nipype.reports import report
-    from mideface_nipype.utils import bids, io
+    from mideface_nipype.utils import bids, io, lta
     from mideface_nipype.workflows.base import init_apply_wf, run_workflow
     from mideface_nipype.workflows.outputs import Outputs
 
@@ -300,16 +301,25 @@ def run_apply(args) -> int:
     publisher.check_all(outputs.paths)
     if args.log:
         check_log_file(Path(args.log), publisher, outputs.paths)
-    io.load_volume(vol, max_gb=args.max_gb)
-    io.load_volume(facemask, max_gb=args.max_gb)
+    vol_img = io.load_volume(vol, max_gb=args.max_gb)
+    mask_img = io.load_volume(facemask, max_gb=args.max_gb)
     if reg == "regheader":
         matrix = None
+    elif reg.lower().endswith(".lta"):
+        matrix = lta.vol_to_mask_ras(reg, vol_img, mask_img)
     elif reg.endswith(".txt"):
         matrix = io.load_matrix(reg)
     elif not Path(reg).is_file():
         raise io.InputError("registration file not found", path=reg)
     else:
-        matrix = register.ants_transform_to_ras(reg)
+        try:
+            matrix = register.ants_transform_to_ras(reg)
+        except Exception as err:  # scipy raises several kinds, and its words name no file
+            raise io.InputError(
+                "is not an ITK/ANTs affine (.mat); REG is 'regheader', a FreeSurfer LTA (.lta), "
+                "a 4x4 RAS matrix (.txt) or an ITK/ANTs affine",
+                path=reg,
+            ) from err
     if args.xmask:
         io.load_volume(args.xmask)
     work = Path(args.work_dir) if args.work_dir else None
