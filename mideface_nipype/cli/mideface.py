@@ -57,6 +57,9 @@ outputs
                       files of a .hdr/.img pair) or, without --force, exists; DIR's files appear
                       together; a failed run removes what it wrote (DIR/log/mideface.log keeps
                       the error)
+  sharing             only the defaced volume is free of the face: face.mask (its tissue/air
+                      labels trace the true skin), head.mask, seg, the pictures and the
+                      surfaces of DIR hold the original face; keep them with the raw data
 
 examples
   mideface --i sub-01_T1w.nii.gz --o sub-01_T1w_defaced.nii.gz

@@ -192,6 +192,11 @@ Per subject and session, in `anat/`:
 `sub-<label>.html` is each subject's report (pictures and session reports in
 `sub-<label>/figures/`); reports and transforms are listed in `.bidsignore`.
 
+**Before sharing**: only the `desc-defaced` images are free of the face. The face masks
+(`*_dseg`) hold the original face: their tissue/air labels trace the true skin inside the
+replaced region. The figures show it too (`segmentation.png` draws on the original slices;
+`--pics` renders the original face). Keep them with the raw data.
+
 Query with pybids:
 
 ```python
