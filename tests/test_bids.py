@@ -29,8 +29,9 @@ from brain import independent_brain_mask
 from conftest import HEADS_DIR
 from PIL import Image
 
+from mideface_nipype.cli import mideface as mideface_cli
 from mideface_nipype.cli import mideface_bids as bids_cli
-from mideface_nipype.engine import apply, fill
+from mideface_nipype.engine import apply, fill, headmask
 from mideface_nipype.engine.atlas import META_FILE, atlas_dir
 from mideface_nipype.interfaces.bids import ReplaceRaw
 from mideface_nipype.interfaces.outputs import Publish
@@ -177,9 +178,9 @@ def test_derivative_names_and_sidecar_inheritance(tmp_path):
     assert bids.transform_name("sub-01/anat/sub-01_T1w.nii.gz") == (
         "sub-01/anat/sub-01_from-T1w_to-mideface_mode-image_xfm.txt"
     )
-    # the labels of the face mask, in the order of bracket.py's compartments
+    # the labels of the published face mask: the two sides of the template face
     rows = [line.split("\t") for line in bids.face_labels_tsv().splitlines()]
-    assert rows[0][:2] == ["index", "name"] and [r[0] for r in rows[1:]] == list("01234")
+    assert rows[0][:2] == ["index", "name"] and [r[0] for r in rows[1:]] == list("013")
     assert bids.sidecar_path("sub-01/anat/sub-01_T1w.nii.gz") == "sub-01/anat/sub-01_T1w.json"
     root = _small_dataset(tmp_path / "ds")
     (root / "T1w.json").write_text('{"EchoTime": 1, "Manufacturer": "A"}')
@@ -432,7 +433,7 @@ def test_multiproc_dataset_derivatives(reference):
         face = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-face_dseg.nii.gz").dataobj)
         xmask = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-exclusion_mask.nii.gz").dataobj)
         face_t2 = np.asarray(nib.load(out / f"{folder}/{prefix}_desc-faceT2w_dseg.nii.gz").dataobj)
-        assert set(np.unique(face)) == {0, 1, 2, 3, 4}  # the labels of the .tsv beside it
+        assert set(np.unique(face)) == {0, 1, 3}  # the labels of the .tsv beside it
         changed_t1, changed_t2 = _changed(t1, t1_out), _changed(t2, t2_out)
         # the face was replaced, only inside the face mask, never in the exclusion mask nor in
         # the independent brain mask
@@ -447,6 +448,27 @@ def test_multiproc_dataset_derivatives(reference):
         assert not np.any(changed_t2 & (face_t2 == 0))
         brain_t2 = apply.resample_protection(brain, t1.affine, t2.shape, t2.affine, known[t2_rel])
         assert brain_t2.sum() > 10_000 and np.count_nonzero(changed_t2 & brain_t2) == 0
+
+
+def test_published_face_mask_holds_no_face_and_still_applies(reference, tmp_path):
+    """The published face masks had the tissue/air labels of ``face.mask``, which agree with
+    the original head mask in every voxel of the replaced region: the derivatives gave the
+    face back. They now hold the two sides of the template face; ``mideface --apply`` splits
+    them at the image's own head and gives the published defaced T1w again, byte for byte."""
+    _, bids_dir, out = reference
+    subject, _, _ = SUBJECTS[0]
+    raw = bids_dir / f"sub-{subject}/anat/sub-{subject}_T1w.nii.gz"
+    published = out / f"sub-{subject}/anat/sub-{subject}_desc-defaced_T1w.nii.gz"
+    dseg = out / f"sub-{subject}/anat/sub-{subject}_desc-face_dseg.nii.gz"
+    face = np.asarray(nib.load(dseg).dataobj)
+    head = np.asarray(headmask.head_mask(nib.load(raw)).dataobj) > 0
+    for side in (1, 3):  # each side holds head and air alike: no label follows the skin
+        assert 0.02 < head[face == side].mean() < 0.98
+    applied = tmp_path / "applied.nii.gz"
+    seed = RUN_OPTIONS[RUN_OPTIONS.index("--seed") + 1]
+    argv = ["--apply", str(raw), str(dseg), "regheader", str(applied), "--seed", seed]
+    assert mideface_cli.main(argv) == 0
+    assert np.array_equal(io.stored_data(nib.load(applied)), io.stored_data(nib.load(published)))
 
 
 def test_killed_run_resumes_with_identical_outputs(reference, tmp_path):

@@ -20,6 +20,9 @@ from mideface_nipype.engine.fill import (
     deface,
     embed_code,
     fill_face,
+    is_shareable,
+    shareable_face_mask,
+    split_tissue_air,
 )
 
 IXI = "IXI012-HH-1211-T1_ds.nii.gz"
@@ -75,6 +78,17 @@ def ixi() -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
 def test_mask_has_all_compartments(head):
     _, mask = head
     assert all(np.count_nonzero(mask == k) > 100 for k in range(5))
+
+
+def test_shareable_mask_loses_the_skin_and_splits_back_at_the_head(head):
+    """The tissue/air split is the original skin: the shareable mask drops it, and the head
+    mask it was made from puts it back exactly."""
+    data, mask = head
+    shared = shareable_face_mask(mask)
+    assert set(np.unique(shared)) == {0, 1, 3} and is_shareable(shared)
+    assert not is_shareable(mask)
+    assert np.array_equal(shared > 0, mask > 0)
+    assert np.array_equal(split_tissue_air(shared, data > 0.15 * data.max()), mask)
 
 
 def test_fill_replaces_face_and_keeps_the_rest(head):

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("VOL", "FACEMASK", "REG", "OUT"),
         help="deface VOL with an existing FACEMASK; REG is 'regheader', a FreeSurfer LTA (.lta, "
         "either direction, as FreeSurfer), a 4x4 RAS text matrix (.txt, VOL mm -> FACEMASK mm) "
-        "or an ITK/ANTs affine (.mat) with VOL as the fixed image",
+        "or an ITK/ANTs affine (.mat) with VOL as the fixed image; a FACEMASK without air labels "
+        "(mideface-bids's desc-face_dseg) is split at VOL's own head",
     )
     io_group.add_argument("--demo", metavar="DIR", help="deface the bundled sample head into DIR")
     io_group.add_argument("--work-dir", metavar="DIR", help="keep Nipype's working folder here")

@@ -66,6 +66,7 @@ def apply_face_mask(
     *,
     target_to_mask: np.ndarray | None = None,
     xmask: np.ndarray | None = None,
+    head: np.ndarray | None = None,
     seed: int = fill.DEFAULT_SEED,
     fill_const: tuple[float, float] | None = None,
     stat_frame: int = fill.STAT_FRAME,
@@ -73,11 +74,14 @@ def apply_face_mask(
     """Deface ``data`` (raw stored values, 3-D or 4-D) with a face mask from another grid.
 
     ``target_to_mask`` maps this volume's world mm to the mask's world mm (None: the same
-    scanner space). Returns the defaced data (with the provenance code), the resampled face mask
-    and the fill statistics.
+    scanner space). A shareable face mask (no air compartments) is split at ``head``, this
+    volume's own head mask. Returns the defaced data (with the provenance code), the resampled
+    face mask and the fill statistics.
     """
     shape = data.shape[:3]
     mask = resample_labels(face_mask, mask_affine, shape, affine, target_to_mask)
+    if head is not None:
+        mask = fill.split_tissue_air(mask, head)
     if xmask is not None:
         protect = resample_protection(xmask, mask_affine, shape, affine, target_to_mask)
         protect = ndi.binary_dilation(

@@ -31,6 +31,9 @@ KNOWN_CODES = (CODE, "mideface-freesurfer")
 CODE_TAG = f"{CODE}-{CODE_VERSION}"
 
 _LABELS = (0, 1, 2, 3, 4)
+#: Labels of a face mask for sharing: its air compartments merged into the tissue ones on the
+#: same side of the template face (inward 2 -> 1, outward 4 -> 3).
+SHAREABLE_MERGE = {2: 1, 4: 3}
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,30 @@ def _histogram_mode(values: np.ndarray, *, integer: bool, n1: int) -> tuple[floa
     index = np.floor((values - vmin) / binsize + 0.5).astype(np.intp)
     counts = np.bincount(index, minlength=nbins)
     return vmin + float(np.argmax(counts)) * binsize, nbins
+
+
+def shareable_face_mask(face_mask: np.ndarray) -> np.ndarray:
+    """The face mask without its tissue/air split (``SHAREABLE_MERGE``): that split follows
+    the original skin inside the replaced region, so the full mask gives the face back."""
+    out = np.array(face_mask, copy=True)
+    for air, tissue in SHAREABLE_MERGE.items():
+        out[out == air] = tissue
+    return out
+
+
+def is_shareable(face_mask: np.ndarray) -> bool:
+    """Whether a face mask has no air compartment (``shareable_face_mask``'s form)."""
+    return not np.isin(face_mask, list(SHAREABLE_MERGE)).any()
+
+
+def split_tissue_air(face_mask: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """A shareable face mask's compartments split again at ``head`` (the defaced image's own
+    head mask): outside it, each merged label goes back to its air label."""
+    out = np.array(face_mask, copy=True)
+    outside = ~np.asarray(head, dtype=bool)
+    for air, tissue in SHAREABLE_MERGE.items():
+        out[(out == tissue) & outside] = air
+    return out
 
 
 def compartment_stats(frame: np.ndarray, face_mask: np.ndarray) -> FillStats:

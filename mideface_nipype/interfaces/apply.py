@@ -12,7 +12,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mideface_nipype.engine import apply, fill, register
+from mideface_nipype.engine import apply, fill, headmask, register
 from mideface_nipype.interfaces._base import (
     StepInputSpec,
     StepInterface,
@@ -102,18 +102,23 @@ class ApplyFaceMask(StepInterface):
         with step(f"apply face mask to {Path(self.inputs.in_file).name}", record):
             img = io.load_volume(self.inputs.in_file)
             mask_img = nib.load(self.inputs.face_mask)
+            face_mask = np.asarray(mask_img.dataobj)
             xmask = None
             if self.inputs.xmask:
                 xmask = np.asarray(nib.load(self.inputs.xmask).dataobj)
+            head = None
+            if fill.is_shareable(face_mask):  # a published mask: split at this image's head
+                head = np.asarray(headmask.head_mask(img).dataobj) > 0
             out, mask, stats = apply.apply_face_mask(
                 io.stored_data(img),
                 img.affine,
-                np.asarray(mask_img.dataobj),
+                face_mask,
                 mask_img.affine,
                 target_to_mask=io.load_matrix(self.inputs.transform)
                 if self.inputs.transform
                 else None,
                 xmask=xmask,
+                head=head,
                 seed=self.inputs.seed,
                 fill_const=io.to_stored(img, self.inputs.fill_const)
                 if self.inputs.fill_const

@@ -23,6 +23,7 @@ from nipype.interfaces.base import (
 )
 from nipype.interfaces.io import add_traits
 
+from mideface_nipype.engine import fill
 from mideface_nipype.interfaces._base import StepInputSpec, StepInterface
 from mideface_nipype.utils import io
 
@@ -37,6 +38,9 @@ class _PublishInputSpec(DynamicTraitedSpec, StepInputSpec):
     )
     texts = traits.Dict(Str, Str, desc="destination path -> text to write there")
     in_mm = traits.List(Str, desc="NIfTI destinations whose header must say mm (BIDS)")
+    shareable = traits.List(
+        Str, desc="face-mask destinations written without the tissue/air split (it holds the face)"
+    )
     reads = traits.List(Str, desc="files the run reads: never written onto")
     force = traits.Bool(False, usedefault=True, desc="overwrite existing outputs")
     together = Str(desc="folder whose files appear together, at the end")
@@ -76,6 +80,7 @@ class Publish(StepInterface):
             force=self.inputs.force,
             together=self.inputs.together if isdefined(self.inputs.together) else None,
             in_mm=set(self.inputs.in_mm) if isdefined(self.inputs.in_mm) else set(),
+            shareable=set(self.inputs.shareable) if isdefined(self.inputs.shareable) else set(),
             clear_stale=self.inputs.clear_stale,
         )
         return runtime
@@ -100,18 +105,22 @@ def publish(
     force: bool,
     together: str | None = None,
     in_mm: set[str] = frozenset(),
+    shareable: set[str] = frozenset(),
     clear_stale: bool = False,
 ) -> list[str]:
     """Copy each (source, destination) (converting the format where the suffixes differ; into
-    millimetres for ``in_mm``), then write each text; the files under ``together`` appear at
-    once. Any failure removes what was written, then raises. Returns the paths written."""
+    millimetres for ``in_mm``; face masks without their tissue/air split for ``shareable``),
+    then write each text; the files under ``together`` appear at once. Any failure removes
+    what was written, then raises. Returns the paths written."""
     publisher = io.Publisher(reads, force=force)
     try:
         with publisher.staged(together):
             for src, dst in files:
                 if clear_stale:
                     io.remove_stale_temps(dst)
-                if dst in in_mm:
+                if dst in shareable:
+                    _copy_shareable(publisher, src, dst, in_mm=dst in in_mm)
+                elif dst in in_mm:
                     _copy_in_mm(publisher, src, dst)
                 else:
                     publisher.copy(src, dst)
@@ -123,6 +132,17 @@ def publish(
         publisher.rollback()
         raise
     return [str(p) for p in publisher.written]
+
+
+def _copy_shareable(
+    publisher: io.Publisher, src: str | Path, dst: str | Path, *, in_mm: bool
+) -> None:
+    """A face mask without its tissue/air split (``fill.shareable_face_mask``), in mm if asked."""
+    img = nib.load(src)
+    shared = io.like(img, fill.shareable_face_mask(io.stored_data(img)))
+    if in_mm:
+        shared.header.set_xyzt_units("mm", img.header.get_xyzt_units()[1])
+    publisher.save_volume(shared, dst)
 
 
 def _copy_in_mm(publisher: io.Publisher, src: str | Path, dst: str | Path) -> None:

@@ -151,6 +151,25 @@ FACE_LABELS = (
         "between the template face and its outward projection, in air: background noise",
     ),
 )
+#: The published face mask's labels (``fill.shareable_face_mask``): the tissue/air split of
+#: ``FACE_LABELS`` traces the original skin, so the derivatives carry the two sides only.
+SHAREABLE_FACE_LABELS = (
+    FACE_LABELS[0],
+    (
+        1,
+        "inward",
+        "I",
+        "#ff9628",
+        "between the template face and its inward projection: tissue noise",
+    ),
+    (
+        3,
+        "outward",
+        "O",
+        "#3cd2ff",
+        "between the template face and its outward projection: background noise",
+    ),
+)
 #: The segmentation's picture (``--samseg``) and its caption in the subject's report.
 SEGMENTATION_PICTURE = "segmentation.png"
 SEGMENTATION_CAPTION = (
@@ -181,9 +200,10 @@ Per subject and session, in `anat/`:
   scaling as the raw one) and its metadata: the raw sidecar after inheritance, `Sources`,
   `SkullStripped: false`, `SpatialReference`, `Description`, `DefaceSeed`.
 - `*_desc-face_dseg.nii.gz` (`.tsv`, `.json`): the face mask of the reference image (the T1w),
-  a labelled segmentation: 0 untouched, 1-2 between the template face and its inward
-  projection (in the head, in air), 3-4 between it and its outward projection (in the head,
-  in air); the `.tsv` names the labels.
+  a labelled segmentation: 0 untouched, 1 between the template face and its inward
+  projection, 3 between it and its outward projection; the `.tsv` names the labels. It has
+  no tissue/air split (that would trace the original skin); `mideface --apply` splits it at
+  the defaced image's own head.
 - `*_desc-face<suffix>_dseg.nii.gz`: the same mask carried onto another image's grid.
 - `*_desc-exclusion_mask.nii.gz`: the voxels defacing never modifies (brain, skull, eyes).
 - `*_from-<suffix>_to-mideface_mode-image_xfm.txt`: the 4x4 RAS matrix from the reference's
@@ -192,10 +212,9 @@ Per subject and session, in `anat/`:
 `sub-<label>.html` is each subject's report (pictures and session reports in
 `sub-<label>/figures/`); reports and transforms are listed in `.bidsignore`.
 
-**Before sharing**: only the `desc-defaced` images are free of the face. The face masks
-(`*_dseg`) hold the original face: their tissue/air labels trace the true skin inside the
-replaced region. The figures show it too (`segmentation.png` draws on the original slices;
-`--pics` renders the original face). Keep them with the raw data.
+**Before sharing**: the figures show the original face (`segmentation.png` draws on the
+original slices; `--pics` renders the original skin): keep `sub-*/figures/` and the reports
+with the raw data.
 
 Query with pybids:
 
@@ -212,7 +231,8 @@ Licence: the raw dataset's ({license}).
 """
 FACE_MASK_DESCRIPTION = (
     "MiDeFace face mask on this image's grid (labels in the .tsv beside it): 0 untouched, "
-    "1 tissue inside the template face, 2 air inside it, 3 tissue beyond it, 4 air beyond it"
+    "1 inside the template face (tissue noise), 3 beyond it (background noise); without the "
+    "tissue/air split of mideface's face.mask, which traces the original skin"
 )
 #: The ``description`` column of the face mask's ``dseg.tsv``, defined in its sidecar.
 LABEL_COLUMN_DESCRIPTION = "where the label lies and what fills it"
@@ -556,8 +576,8 @@ def figure_name(session: Session | str, name: str) -> str:
 
 
 def face_labels_tsv() -> str:
-    """The ``dseg.tsv`` of every face mask."""
-    rows = [("index", "name", "abbreviation", "color", "description"), *FACE_LABELS]
+    """The ``dseg.tsv`` of every published face mask."""
+    rows = [("index", "name", "abbreviation", "color", "description"), *SHAREABLE_FACE_LABELS]
     return "".join("\t".join(map(str, row)) + "\n" for row in rows)
 
 
@@ -936,6 +956,8 @@ def _keep_original(root: Path, out: Path, rel: str, manifest: dict) -> None:
 
 #: The workflow outputs a session publishes whose NIfTI header must say mm (BIDS).
 IN_MM_OUTPUTS = ("out_file", "face_mask", "other_out_files", "other_face_masks", "exclusion_mask")
+#: Workflow outputs published as shareable face masks (``fill.shareable_face_mask``).
+FACE_MASK_OUTPUTS = ("face_mask", "other_face_masks")
 
 
 def session_files(

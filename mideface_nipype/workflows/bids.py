@@ -43,6 +43,7 @@ def session_outputs(
         reads=tuple(str(session.source(rel)) for rel in session.published),
         force=True,
         in_mm=tuple(p for key in bids.IN_MM_OUTPUTS for p in files.get(key, [])),
+        shareable=tuple(p for key in bids.FACE_MASK_OUTPUTS for p in files.get(key, [])),
         clear_stale=True,
     )
 

@@ -64,6 +64,8 @@ class Outputs:
     """A folder whose files appear together."""
     in_mm: tuple[str, ...] = ()
     """NIfTI destinations whose header must say mm."""
+    shareable: tuple[str, ...] = ()
+    """Face-mask destinations written without the tissue/air split, which holds the face."""
     clear_stale: bool = False
     """Remove temp files a killed earlier run left beside a destination."""
 
@@ -80,6 +82,7 @@ class Outputs:
             "reads": tuple(absolute(p) for p in self.reads),
             "together": absolute(self.together) if self.together is not None else None,
             "in_mm": tuple(absolute(p) for p in self.in_mm),
+            "shareable": tuple(absolute(p) for p in self.shareable),
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -174,6 +177,7 @@ def init_outputs_wf(outputs: Outputs, *, name: str = "outputs_wf") -> pe.Workflo
             destinations=outputs.destinations,
             texts=outputs.texts,
             in_mm=list(outputs.in_mm),
+            shareable=list(outputs.shareable),
             reads=list(outputs.reads),
             force=outputs.force,
             clear_stale=outputs.clear_stale,
