@@ -6,7 +6,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import HEADS_DIR
+from conftest import HEADS_DIR, default_run
 from PIL import Image
 
 from mideface_nipype.reports.slices import label_slices, save_png
@@ -48,3 +48,23 @@ def test_pictures_it_would_have_to_guess_at_are_refused(image, error, says, tmp_
     with pytest.raises(error, match=says) as caught:
         save_png(image, path)
     assert str(path) in str(caught.value) and not path.exists()
+
+
+@pytest.mark.slow
+def test_segmentation_picture_shows_the_defaced_head_only():
+    """``segmentation.png`` (published beside the defaced images) was drawn on the original
+    slices, the soft-tissue border along the true profile: nose, lips, chin. It is now the
+    defaced image with no label inside the face mask."""
+    run = default_run(HEAD.name)
+    labels = np.asarray(nib.load(run / "seg.nii.gz").dataobj)
+    face = np.asarray(nib.load(run / "face.mask.nii.gz").dataobj) > 0
+    defaced, original = io.load_volume(run / "defaced.nii.gz"), nib.load(HEAD)
+    shown = np.asarray(Image.open(run / "segmentation.png"))
+
+    def drawn(data: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        picture = label_slices(data, labels, defaced.affine)
+        zoom = shown.shape[0] // picture.shape[0]
+        return np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)
+
+    assert np.array_equal(shown, drawn(io.first_frame(defaced), np.where(face, 0, labels)))
+    assert not np.array_equal(shown, drawn(io.first_frame(original), labels))

@@ -9,7 +9,7 @@ from mideface_nipype.interfaces.headmask import HeadMask
 from mideface_nipype.interfaces.outputs import Publish
 from mideface_nipype.interfaces.register import ProjectSurface, RegisterAtlas
 from mideface_nipype.interfaces.report import Pics, Report
-from mideface_nipype.interfaces.segment import Segment
+from mideface_nipype.interfaces.segment import Segment, SegmentationPicture
 from mideface_nipype.interfaces.stats import CollectStats
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "ReplaceRaw",
     "Report",
     "Segment",
+    "SegmentationPicture",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, TraitedSpec, traits
 
 from mideface_nipype.engine import exclusion, segment
 from mideface_nipype.engine.atlas import CLASSES, load_atlas
 from mideface_nipype.interfaces._base import (
+    StepInputSpec,
     StepInterface,
     SubjectGridInputSpec,
     load_mask,
@@ -31,7 +33,6 @@ class _SegmentInputSpec(SubjectGridInputSpec):
 class _SegmentOutputSpec(TraitedSpec):
     out_labels = File(exists=True, desc="labels (0 air, 1 soft, 2 bone, 3 csf, 4 gm, 5 wm, 6 eyes)")
     out_file = File(exists=True, desc="exclusion mask: brain + bone + eyes, dilated, in the head")
-    out_report = File(exists=True, desc="PNG: three orthogonal slices with the label borders")
     out_stats = File(exists=True, desc="JSON: intracranial volume, class intensities, seconds")
 
 
@@ -65,9 +66,35 @@ class Segment(StepInterface):
         )
         self._results["out_labels"] = save_mask(seg.labels, img.affine, runtime, "labels.nii.gz")
         self._results["out_file"] = save_mask(xmask, img.affine, runtime, "exclusion_mask.nii.gz")
-        picture = label_slices(data, seg.labels, img.affine)
+        self._results["out_stats"] = write_json(record, out_path(runtime, "exclusion.json"))
+        return runtime
+
+
+class _SegmentationPictureInputSpec(StepInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the defaced image (frame 0 is shown)")
+    labels = File(exists=True, mandatory=True, desc="Segment's labels, on the same grid")
+    face_mask = File(exists=True, mandatory=True, desc="the face mask (voxels > 0 replaced)")
+
+
+class _SegmentationPictureOutputSpec(TraitedSpec):
+    out_report = File(exists=True, desc="PNG: three orthogonal slices with the label borders")
+
+
+class SegmentationPicture(StepInterface):
+    """The segmentation's QA picture, drawn on the defaced image with no label inside the face
+    mask: on the original slices, or with the soft-tissue border through the face, it showed
+    the profile the defacing removed (the picture is published beside the defaced images)."""
+
+    input_spec = _SegmentationPictureInputSpec
+    output_spec = _SegmentationPictureOutputSpec
+
+    def _run_interface(self, runtime):
+        img = io.load_volume(self.inputs.in_file)
+        labels = np.asarray(nib.load(self.inputs.labels).dataobj).copy()
+        face, _ = load_mask(self.inputs.face_mask)
+        labels[face] = 0
+        picture = label_slices(io.first_frame(img), labels, img.affine)
         zoom = max(1, int(np.ceil(QA_MIN_HEIGHT_PX / picture.shape[0])))
         picture = np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)
         self._results["out_report"] = str(save_png(picture, out_path(runtime, "segmentation.png")))
-        self._results["out_stats"] = write_json(record, out_path(runtime, "exclusion.json"))
         return runtime

@@ -212,9 +212,9 @@ Per subject and session, in `anat/`:
 `sub-<label>.html` is each subject's report (pictures and session reports in
 `sub-<label>/figures/`); reports and transforms are listed in `.bidsignore`.
 
-**Before sharing**: the figures show the original face (`segmentation.png` draws on the
-original slices; `--pics` renders the original skin): keep `sub-*/figures/` and the reports
-with the raw data.
+**Before sharing**: the pictures made with `--pics` show the original face (`face-before.png`
+renders the original skin, `slices.png` outlines the original slices): keep them with the raw
+data.
 
 Query with pybids:
 

@@ -23,6 +23,7 @@ from mideface_nipype.interfaces import (
     RegisterAtlas,
     Report,
     Segment,
+    SegmentationPicture,
 )
 from mideface_nipype.reports.methods import methods_text
 from mideface_nipype.workflows.multiproc import MultiProcPlugin
@@ -85,6 +86,8 @@ def init_mideface_wf(
           -> exclusion (segmentation | atlas priors | user xmask)
           -> bracket (surface, head mask, exclusion mask) -> face mask 0-4, distances
           -> deface (in_file, face mask, seed) -> out_file
+          -> [segmentation] segmentation_picture (labels on the defaced image, none in the
+                                                  face mask) -> segmentation.png
           -> [pics] skin renders before/after in the atlas pose, dist-to-face (with pics)
           -> stats (one named input per step record) -> stats.json
           -> report (stats, face mask, pictures) -> report.html
@@ -145,7 +148,7 @@ def init_mideface_wf(
         (also ``workflow.__desc__``); pictures with ``pics``
     segmentation, segmentation_report
         with ``xmask_source="segment"``: its labels and a PNG (``seg.<ext>``,
-        ``segmentation.png``)
+        ``segmentation.png``, drawn on the defaced image, no label inside the face mask)
     other_out_files, other_face_masks, other_transforms
         with ``other_contrasts``: lists, one per other contrast (``<name>_defaced.<ext>``
         beside ``out_file``)
@@ -252,16 +255,19 @@ def init_mideface_wf(
     ]
     if xmask_source == "segment":
         seg = pe.Node(Segment(**atlas), name="segment", mem_gb=1.5, n_procs=omp_nthreads)
+        seg_picture = pe.Node(
+            SegmentationPicture(), name="segmentation_picture", mem_gb=0.5, n_procs=1
+        )
         connections += [
             (inputnode, seg, [("in_file", "in_file")]),
             (head_mask, seg, [("out_file", "head_mask")]),
             (register, seg, [("transform", "transform")]),
             (seg, stats, [("out_stats", "exclusion")]),
-            (
-                seg,
-                outputnode,
-                [("out_labels", "segmentation"), ("out_report", "segmentation_report")],
-            ),
+            (seg, outputnode, [("out_labels", "segmentation")]),
+            (deface, seg_picture, [("out_file", "in_file")]),
+            (seg, seg_picture, [("out_labels", "labels")]),
+            (bracket, seg_picture, [("out_file", "face_mask")]),
+            (seg_picture, outputnode, [("out_report", "segmentation_report")]),
         ]
         xmask_out = (seg, "out_file")
     elif xmask_source == "atlas":
