@@ -215,11 +215,7 @@ def _validate_inputs(args) -> list[Path]:
         io.load_volume(path, max_gb=args.max_gb)
         # one image twice (a link, another spelling of its path, the other file of its pair)
         # would be defaced twice, the second time through a registration to itself
-        twin = next(
-            (v for v in volumes[:k] if any(io.same_file(f, path) for f in io.image_files(v))),
-            None,
-        )
-        if twin is not None:
+        if twin := next((v for v in volumes[:k] if io.same_image(v, path)), None):
             raise io.InputError(
                 f"is the same image as {twin}: an image is given once (--i defaces it, "
                 "--apply-to takes the other contrasts)",

@@ -614,6 +614,11 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return file_id is not None and file_id == _file_id(b)
 
 
+def same_image(a: str | Path, b: str | Path) -> bool:
+    """Whether ``b`` is a file of the image ``a`` (``same_file``, or its pair's other file)."""
+    return any(same_file(f, b) for f in image_files(a))
+
+
 class Publisher:
     """Publishes a run's files safely: never onto a file the run reads; all or nothing.
 
